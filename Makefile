@@ -1,0 +1,27 @@
+# The two commands of the README. Both create .venv and install what they need (CPU torch).
+PY ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/pip
+INSTALL = $(PIP) install --quiet --disable-pip-version-check -c requirements/cpu.txt
+
+.PHONY: serve test install install-test bench
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+install: $(VENV)/bin/python
+	$(INSTALL) -e .
+
+install-test: $(VENV)/bin/python
+	$(INSTALL) -e '.[test]'
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) \
+	  || (echo "the benchmark smoke test needs wrk: apt-get install wrk" && exit 1)
+
+serve: install   ## start the server on the shipped weights (http://127.0.0.1:8000)
+	$(VENV)/bin/simplenn-serve
+
+test: install-test   ## run every test
+	$(VENV)/bin/python -m pytest -q
+
+bench: install-test   ## the side-by-side benchmark (not part of the tests)
+	$(VENV)/bin/python bench/run.py

@@ -1,0 +1,3 @@
+"""simplenn-serve: serve a PyTorch state_dict over REST with dynamic batching and hot reload."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Typed errors and the one place that maps them to HTTP status codes and ``{"error": ...}`` bodies.
+
+Request errors are raised in the API server (validation, limits, routing) or come back from an
+inference worker; weights errors stop startup or reject a hot reload. Every HTTP answer that is not a
+success is built by :func:`error_response`, so the body shape and the status codes live here only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+logger = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """Base of every error the server answers with; ``status_code`` is the HTTP status."""
+
+    status_code = 500
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServeError):
+    """The body parsed but its content is wrong: keys, row length, types, non-finite numbers, row count."""
+
+    status_code = 422
+
+
+class MalformedRequest(ServeError):
+    """The body is not JSON, or the request is otherwise unusable as sent."""
+
+    status_code = 400
+
+
+class PayloadTooLarge(ServeError):
+    """The body is larger than ``SIMPLENN_MAX_BODY_BYTES``."""
+
+    status_code = 413
+
+
+class UnsupportedMediaType(ServeError):
+    """The request's Content-Type is not ``application/json``."""
+
+    status_code = 415
+
+
+class Unauthorized(ServeError):
+    """A management route was called without the right bearer token."""
+
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class ModelNotFound(ServeError):
+    """The request names a model or version this server does not serve."""
+
+    status_code = 404
+
+
+class NotReady(ServeError):
+    """The server is starting or draining and takes no new work."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
+class Overloaded(ServeError):
+    """The request queue is full; the client should retry later."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
+class RequestTimeout(ServeError):
+    """No inference worker answered within ``SIMPLENN_REQUEST_TIMEOUT_S``."""
+
+    status_code = 504
+
+
+class InferenceError(ServeError):
+    """The model failed on a batch (a server-side fault, never the client's)."""
+
+    status_code = 500
+
+
+class WeightsError(ServeError):
+    """A weights file cannot be served: stops startup, or keeps the old model during a reload.
+
+    ``reason`` is a short machine-friendly label used in metrics and status (``not_found``,
+    ``unreadable``, ``not_state_dict``, ``mismatch``, ``not_finite``, ``digest``, ``compile``, ``golden``).
+    """
+
+    reason = "invalid"
+
+    def __init__(self, path: object, detail: str, reason: str | None = None) -> None:
+        super().__init__(f"weights {path}: {detail}")
+        self.path = path
+        if reason:
+            self.reason = reason
+
+
+def error_body(message: str) -> bytes:
+    """The JSON body of every error answer."""
+    return orjson.dumps({"error": message})
+
+
+def error_response(exc: ServeError) -> Response:
+    """Turn a typed error into its HTTP answer."""
+    return Response(error_body(exc.message), exc.status_code, exc.headers or None, media_type="application/json")
+
+
+async def _serve_error_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServeError)
+    if exc.status_code >= 500:
+        logger.warning("answering %d: %s", exc.status_code, exc.message)
+    return error_response(exc)
+
+
+async def _http_error_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    error = ServeError(str(exc.detail))
+    error.status_code = exc.status_code
+    error.headers = dict(exc.headers or {})
+    return error_response(error)
+
+
+async def _unexpected_error_handler(_: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error", exc_info=exc)
+    return error_response(InferenceError("internal server error"))
+
+
+def install_error_handlers(app) -> None:
+    """Register the mapping on a Starlette/FastAPI app (404/405 from routing get the same body shape)."""
+    app.add_exception_handler(ServeError, _serve_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(Exception, _unexpected_error_handler)

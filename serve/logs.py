@@ -1,0 +1,50 @@
+"""Logging: one JSON object per line, in every process.
+
+Each record has ``ts``, ``level``, ``logger``, ``msg`` and, when set, ``request_id``, ``pid`` and
+extra fields (``method``, ``path``, ``status``, ``ms`` for access lines).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import orjson
+
+_EXTRA_FIELDS = ("request_id", "method", "path", "status", "ms", "client")
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": os.getpid(),
+            "msg": record.getMessage(),
+        }
+        for name in _EXTRA_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str) -> None:
+    """Send every logger (ours, uvicorn's, LitServe's) through one JSON handler on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litserve"):
+        child = logging.getLogger(name)
+        child.handlers[:] = []
+        child.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # our access log carries the request id
