@@ -1,0 +1,134 @@
+"""The server as a process: startup, health, startup failures, TorchScript mode, graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, SHIPPED_WEIGHTS, assert_matches, make_state_dict, reference_outputs, save_weights
+
+
+def _tree(pid: int) -> set[int]:
+    """pid and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        found.add(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def test_health_live_and_ready(client: httpx.Client) -> None:
+    assert client.get("/health/live").status_code == 200
+    assert client.get("/health/ready").json() == {"status": "ready"}
+
+
+def test_openapi_describes_predict(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"input", "inputs"}
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "words"),
+    [
+        (lambda s: s.__setitem__("fc1.weight", __import__("torch").zeros(5, 9)), ["fc1.weight", "[5, 9]", "[5, 10]"]),
+        (lambda s: s.__setitem__("extra.bias", s["fc2.bias"]), ["unexpected keys", "extra.bias"]),
+        (lambda s: s["fc1.bias"].__setitem__(0, float("nan")), ["fc1.bias", "NaN"]),
+    ],
+    ids=["wrong-shape", "wrong-keys", "nan"],
+)
+def test_bad_weights_stop_startup_with_one_clear_line(start_server, tmp_path: Path, corrupt, words) -> None:
+    state = make_state_dict(1)
+    corrupt(state)
+    path = save_weights(tmp_path / "bad.pth", state)
+    server = start_server(env={"SIMPLENN_WEIGHTS": str(path)}, ready=False)
+    assert server.wait_exit(60) == 1
+    lines = [line for line in server.log().splitlines() if line.startswith("simplenn-serve: cannot start")]
+    assert len(lines) == 1, server.log()
+    for word in [str(path), *words]:
+        assert word in lines[0]
+    assert "Traceback" not in server.log()
+
+
+def test_bad_setting_exits_2_naming_it() -> None:
+    env = {**os.environ, "SIMPLENN_MAX_BATCH_SIZE": "0"}
+    result = subprocess.run([sys.executable, "-m", "serve", "--port", "99999"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "SIMPLENN_PORT (--port)" in result.stderr and "65535" in result.stderr
+    assert "SIMPLENN_MAX_BATCH_SIZE" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "simplenn-serve"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--max-batch-size" in result.stdout
+
+
+def test_torchscript_mode_gives_the_same_answers(start_server) -> None:
+    server = start_server(args=["--compile", "torchscript"])
+    rows = np.random.default_rng(7).standard_normal((64, 10))
+    response = httpx.post(server.url + "/predict", json={"inputs": rows.tolist()}, timeout=30)
+    assert response.status_code == 200
+    assert_matches(response.json()["outputs"], reference_outputs(SHIPPED_WEIGHTS, rows))
+    assert server.log().count("TorchScript") <= 2  # deprecation notes are logged once per process, not per call
+
+
+def test_sigterm_drains_in_flight_requests_and_leaves_no_process(start_server) -> None:
+    server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "0.4",
+                               "SIMPLENN_DRAIN_S": "1.0", "SIMPLENN_MAX_BATCH_SIZE": "1"})
+    tree = _tree(server.proc.pid)
+    assert len(tree) >= 4  # main, manager, worker, API server(s)
+    results: list[int] = []
+
+    def call() -> None:
+        response = httpx.post(server.url + "/predict", json={"input": [0.1] * 10}, timeout=30)
+        results.append(response.status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # the requests are queued or computing (0.4 s each, one at a time)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert httpx.get(server.url + "/health/ready", timeout=5).status_code == 503  # not ready at once...
+    assert httpx.get(server.url + "/health/live", timeout=5).status_code == 200  # ...but still serving
+    for thread in threads:
+        thread.join(30)
+    assert results == [200] * 4
+    assert server.wait_exit(30) == 0
+    deadline = time.monotonic() + 10
+    while _alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(tree), "processes left behind"
