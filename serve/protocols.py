@@ -12,13 +12,13 @@ import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from serve.errors import PayloadTooLarge, UnsupportedMediaType
 from serve.schemas import ErrorResponse, PredictManyResponse, PredictOneResponse, RowSchema
 from serve.transport import Prediction, Transport
 
 VERSION_HEADER = "X-Model-Version"
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503, 504)}
 
 
 def _is_json(content_type: str) -> bool:
@@ -75,12 +75,47 @@ class NativeProtocol:
         return json_response({"outputs": outputs, "model_version": prediction.version}, prediction.version)
 
     def register(self, app: FastAPI) -> None:
-        """Add the route, with its request and response schemas for ``/openapi.json``."""
-        app.add_api_route(
-            self.path, self.predict, methods=["POST"], tags=["predict"], summary="Predict one or many rows",
-            response_model=PredictOneResponse | PredictManyResponse,
-            responses={**_ERRORS, 200: {"headers": {VERSION_HEADER: {"schema": {"type": "string"},
-                                                                      "description": "Version that answered."}}}},
-            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                "schema": self.schema.predict_request.model_json_schema()}}}},
-        )
+        """Mount the route (a plain Starlette route: no per-request dependency solving) and document it."""
+        add_route(app, self.path, self.predict, {
+            "tags": ["predict"], "summary": "Predict one or many rows",
+            "requestBody": _json_body(self.schema.predict_request.model_json_schema()),
+            "responses": {"200": {"description": "One output per input row, in order.",
+                                  "headers": {VERSION_HEADER: {"schema": {"type": "string"},
+                                                               "description": "Version that answered."}},
+                                  "content": {"application/json": {"schema": {"anyOf": [
+                                      PredictOneResponse.model_json_schema(),
+                                      PredictManyResponse.model_json_schema()]}}}},
+                          **_ERROR_RESPONSES},
+        })
+
+
+def _json_body(schema: dict) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_ERROR_RESPONSES = {str(code): {"description": text, "content": {"application/json": {
+    "schema": ErrorResponse.model_json_schema()}}} for code, text in (
+    (400, "Malformed request"), (413, "Body too large"), (415, "Not JSON"), (422, "Invalid input"),
+    (503, "Not ready or overloaded"), (504, "Timed out"))}
+
+
+def add_route(app: FastAPI, path: str, endpoint, operation: dict, method: str = "post") -> None:
+    """Mount a hot-path route as a plain Starlette ``Route`` and add its OpenAPI ``operation``.
+
+    FastAPI's ``APIRoute`` solves dependencies and re-validates on every call; the protocol routes
+    validate with :mod:`serve.schemas` themselves, so they skip that and document themselves here.
+    """
+    app.router.routes.append(Route(path, endpoint, methods=[method.upper()]))
+    documented: dict = app.state.__dict__.setdefault("extra_openapi_paths", {})
+    documented.setdefault(path, {})[method] = operation
+    build = type(app).openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build(app)
+            for extra_path, operations in documented.items():
+                schema["paths"].setdefault(extra_path, {}).update(operations)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

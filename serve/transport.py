@@ -111,12 +111,10 @@ class _Pipe:
         buf = fcntl.ioctl(self.reader.fileno(), termios.FIONREAD, b"\0\0\0\0")
         return struct.unpack("i", buf)[0]
 
-    def write_frame(self, body: bytes, bounded: bool = False) -> None:
-        """Write one whole frame; with ``bounded``, refuse (``Overloaded``) if it would not fit now."""
+    def write_frame(self, body: bytes) -> None:
+        """Write one whole frame (other writers wait for it)."""
         frame = _LENGTH.pack(len(body)) + body
         with self.write_lock:
-            if bounded and self.pending_bytes() + len(frame) > self.capacity and self.pending_bytes() > 0:
-                raise Overloaded("the request queue is full; retry shortly")
             _write_all(self.writer.fileno(), frame)
 
 
@@ -128,11 +126,30 @@ class RequestQueue(_Pipe):
         self.read_lock = ctx.Lock()
         self._carry: Request | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_outbox"}
+
     # -- API server side -------------------------------------------------------------------------
     def put(self, consumer: int, uid: int, values: np.ndarray) -> None:
-        """Queue one request's rows (float32, C-contiguous); ``Overloaded`` if the queue is full."""
+        """Queue one request's rows (float32, C-contiguous); ``Overloaded`` if the queue is full.
+
+        Frames queued during one event-loop iteration go out in one write (one worker wake-up).
+        """
         rows, cols = values.shape
-        self.write_frame(_REQUEST.pack(consumer, uid, time.monotonic(), rows, cols) + values.tobytes(), bounded=True)
+        frame = _LENGTH.pack(_REQUEST.size + values.nbytes) + _REQUEST.pack(
+            consumer, uid, time.monotonic(), rows, cols) + values.tobytes()
+        outbox = self.__dict__.setdefault("_outbox", [])
+        queued = self.pending_bytes() + sum(map(len, outbox))
+        if queued and queued + len(frame) > self.capacity:
+            raise Overloaded("the request queue is full; retry shortly")
+        outbox.append(frame)
+        if len(outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        outbox = self.__dict__.pop("_outbox", [])
+        with self.write_lock:
+            _write_all(self.writer.fileno(), b"".join(outbox))
 
     # -- worker side -----------------------------------------------------------------------------
     def _read_frame_nowait(self) -> Request | None:
