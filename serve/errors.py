@@ -34,6 +34,12 @@ class InvalidInput(ServeError):
     status_code = 422
 
 
+class BadInput(InvalidInput):
+    """Invalid input for the KServe V1 and Open Inference (V2) protocols, which answer 400."""
+
+    status_code = 400
+
+
 class MalformedRequest(ServeError):
     """The body is not JSON, or the request is otherwise unusable as sent."""
 

@@ -1,24 +1,65 @@
-"""The HTTP prediction protocols. Each one decodes its body into the same validated rows
-(:mod:`serve.schemas`), sends them through the same batching path (:mod:`serve.transport`) and encodes
-the answer. Today: the native ``POST /predict``.
+"""The HTTP prediction protocols: native ``/predict``, KServe V1 and the Open Inference Protocol (V2).
+
+Every protocol decodes its body into the same validated rows (:mod:`serve.schemas`), sends them down
+the same batching path (:mod:`serve.transport`), so a V2 request of 8 rows and a native single-row
+request can share one forward pass, and encodes the answer in its own shape. Errors are typed
+(:mod:`serve.errors`): the native protocol answers invalid content with 422, V1 and V2 with 400 as
+KServe does.
+
+The routes are plain Starlette routes: FastAPI's ``APIRoute`` would solve dependencies and validate
+again on every call. They document themselves in ``/openapi.json`` through :func:`add_route`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import FastAPI
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serve.errors import PayloadTooLarge, UnsupportedMediaType
-from serve.schemas import ErrorResponse, PredictManyResponse, PredictOneResponse, RowSchema
+import serve
+from serve.errors import BadInput, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
+from serve.schemas import (ErrorResponse, PredictManyResponse, PredictOneResponse, RowSchema, V1PredictResponse,
+                           V2InferRequest, V2InferResponse, parse)
 from serve.transport import Prediction, Transport
 
 VERSION_HEADER = "X-Model-Version"
+V2_INPUT, V2_OUTPUT = "input", "output"
+_BINARY_HEADER = "inference-header-content-length"
+_V2_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
+             "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+             "UINT64": np.uint64}
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """What every protocol needs: the model's name and row rules, the transport, and the server's state."""
+
+    model_name: str
+    schema: RowSchema
+    transport: Transport
+    max_body_bytes: int
+    ready: Callable[[], bool]
+    status: Callable[[], dict[str, Any]]
+
+    def check_model(self, name: str, version: str | None = None) -> None:
+        """404 for another model name, or for a version other than the live one."""
+        if name != self.model_name:
+            raise ModelNotFound(f"model {name!r} is not served here (serving {self.model_name!r})")
+        if version is not None and version not in self.status()["versions"]:
+            raise ModelNotFound(f"version {version!r} of {name!r} is not live (live: {self.status()['versions']})")
+
+    async def infer(self, values: np.ndarray) -> Prediction:
+        """Send rows down the shared batching path. Draining servers still answer (that is the drain)."""
+        return await self.transport.infer(values)
 
 
 def _is_json(content_type: str) -> bool:
@@ -26,10 +67,10 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-async def read_json_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, json_only: bool = True) -> bytes:
     """The request body, refusing a non-JSON Content-Type (415) and more than ``limit`` bytes (413)."""
     content_type = request.headers.get("content-type")
-    if content_type is not None and not _is_json(content_type):
+    if json_only and content_type is not None and not _is_json(content_type):
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type!r}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
@@ -50,10 +91,11 @@ def _column(outputs: np.ndarray) -> np.ndarray:
     return outputs[:, 0] if outputs.shape[1] == 1 else outputs
 
 
-def json_response(content: Any, version: str) -> Response:
-    """A JSON answer (numpy arrays serialized natively) carrying the model version header."""
-    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), 200,
-                    {VERSION_HEADER: version}, media_type="application/json")
+def json_response(content: Any, version: str | None = None, status: int = 200) -> Response:
+    """A JSON answer (numpy arrays serialized natively), with the model version header when given."""
+    headers = {VERSION_HEADER: version} if version else None
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, headers,
+                    media_type="application/json")
 
 
 class NativeProtocol:
@@ -61,50 +103,206 @@ class NativeProtocol:
 
     path = "/predict"
 
-    def __init__(self, schema: RowSchema, transport: Transport, max_body_bytes: int) -> None:
-        self.schema = schema
-        self.transport = transport
-        self.max_body_bytes = max_body_bytes
+    def __init__(self, context: ServingContext) -> None:
+        self.context = context
 
     async def predict(self, request: Request) -> Response:
-        rows = self.schema.decode_predict(await read_json_body(request, self.max_body_bytes))
-        prediction: Prediction = await self.transport.infer(rows.values)
+        rows = self.context.schema.decode_predict(await read_body(request, self.context.max_body_bytes))
+        prediction = await self.context.infer(rows.values)
         outputs = _column(prediction.outputs)
         if rows.single:
             return json_response({"output": outputs[0], "model_version": prediction.version}, prediction.version)
         return json_response({"outputs": outputs, "model_version": prediction.version}, prediction.version)
 
     def register(self, app: FastAPI) -> None:
-        """Mount the route (a plain Starlette route: no per-request dependency solving) and document it."""
-        add_route(app, self.path, self.predict, {
-            "tags": ["predict"], "summary": "Predict one or many rows",
-            "requestBody": _json_body(self.schema.predict_request.model_json_schema()),
-            "responses": {"200": {"description": "One output per input row, in order.",
-                                  "headers": {VERSION_HEADER: {"schema": {"type": "string"},
-                                                               "description": "Version that answered."}},
-                                  "content": {"application/json": {"schema": {"anyOf": [
-                                      PredictOneResponse.model_json_schema(),
-                                      PredictManyResponse.model_json_schema()]}}}},
-                          **_ERROR_RESPONSES},
-        })
+        add_route(app, self.path, self.predict, _operation(
+            "predict", "Predict one or many rows", self.context.schema.predict_request, PredictOneResponse,
+            PredictManyResponse, status_codes=(400, 413, 415, 422, 503, 504)))
 
 
-def _json_body(schema: dict) -> dict:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+class V1Protocol:
+    """KServe V1 (TF Serving's REST shape): list, status and ``:predict`` with ``instances``."""
+
+    def __init__(self, context: ServingContext) -> None:
+        self.context = context
+
+    async def list_models(self, request: Request) -> Response:
+        return json_response({"models": [self.context.model_name]})
+
+    async def model_status(self, request: Request) -> Response:
+        self.context.check_model(request.path_params["name"])
+        status = self.context.status()
+        return json_response(status, status=200 if status["ready"] else 503)
+
+    async def predict(self, request: Request) -> Response:
+        self.context.check_model(request.path_params["name"])
+        rows = self.context.schema.decode_v1(await read_body(request, self.context.max_body_bytes))
+        prediction = await self.context.infer(rows.values)
+        return json_response({"predictions": _column(prediction.outputs)}, prediction.version)
+
+    def register(self, app: FastAPI) -> None:
+        add_route(app, "/v1/models", self.list_models, _operation("kserve-v1", "List models"), "get")
+        add_route(app, "/v1/models/{name}", self.model_status, _operation(
+            "kserve-v1", "Model status: ready, live version, each worker's version and last reload",
+            status_codes=(404, 503)), "get")
+        add_route(app, "/v1/models/{name}:predict", self.predict, _operation(
+            "kserve-v1", "Predict instances", self.context.schema.v1_request, V1PredictResponse,
+            status_codes=(400, 404, 413, 415, 503, 504)))
 
 
-_ERROR_RESPONSES = {str(code): {"description": text, "content": {"application/json": {
-    "schema": ErrorResponse.model_json_schema()}}} for code, text in (
-    (400, "Malformed request"), (413, "Body too large"), (415, "Not JSON"), (422, "Invalid input"),
-    (503, "Not ready or overloaded"), (504, "Timed out"))}
+class V2Protocol:
+    """The Open Inference Protocol (V2) REST API, with the binary tensor data extension for inputs
+    and outputs. The model takes one tensor ``input`` [-1, in_features] and returns ``output`` [-1, k].
+    FP64, FP16 and integer inputs are converted to FP32; BOOL and BYTES are refused with 400."""
+
+    def __init__(self, context: ServingContext) -> None:
+        self.context = context
+
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response({"name": "simplenn-serve", "version": serve.__version__,
+                              "extensions": ["binary_tensor_data"]})
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def server_ready(self, request: Request) -> Response:
+        ready = self.context.ready()
+        return json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def model_metadata(self, request: Request) -> Response:
+        self.context.check_model(request.path_params["name"], request.path_params.get("version"))
+        status = self.context.status()
+        return json_response({
+            "name": self.context.model_name, "versions": status["versions"], "platform": "pytorch_libtorch",
+            "inputs": [{"name": V2_INPUT, "datatype": "FP32", "shape": [-1, self.context.schema.in_features]}],
+            "outputs": [{"name": V2_OUTPUT, "datatype": "FP32", "shape": [-1, 1]}]})
+
+    async def model_ready(self, request: Request) -> Response:
+        self.context.check_model(request.path_params["name"], request.path_params.get("version"))
+        ready = self.context.ready()
+        return json_response({"name": self.context.model_name, "ready": ready}, status=200 if ready else 503)
+
+    async def infer(self, request: Request) -> Response:
+        self.context.check_model(request.path_params["name"], request.path_params.get("version"))
+        header_length = request.headers.get(_BINARY_HEADER)
+        body = await read_body(request, self.context.max_body_bytes, json_only=header_length is None)
+        json_part, binary = body, b""
+        if header_length is not None:
+            if not header_length.isdigit() or int(header_length) > len(body):
+                raise BadInput(f"{_BINARY_HEADER} must be the JSON header's length in bytes")
+            json_part, binary = body[: int(header_length)], body[int(header_length):]
+        infer_request: V2InferRequest = parse(V2InferRequest, json_part, BadInput)
+        values = self._input_rows(infer_request, binary)
+        prediction = await self.context.infer(values)
+        return self._encode(infer_request, prediction)
+
+    def _input_rows(self, infer_request: V2InferRequest, binary: bytes) -> np.ndarray:
+        if len(infer_request.inputs) != 1 or infer_request.inputs[0].name != V2_INPUT:
+            names = [tensor.name for tensor in infer_request.inputs]
+            raise BadInput(f"this model takes exactly one input named {V2_INPUT!r}, got {names}")
+        tensor = infer_request.inputs[0]
+        dtype = _V2_TYPES.get(tensor.datatype)
+        if dtype is None:
+            raise BadInput(f"inputs[0].datatype {tensor.datatype!r} is not supported: use FP32 (FP64, FP16 and "
+                           "integer types are converted)")
+        count = int(np.prod(tensor.shape)) if tensor.shape else 0
+        binary_size = (tensor.parameters or {}).get("binary_data_size")
+        if binary_size is not None:
+            if tensor.data is not None or not isinstance(binary_size, int) or binary_size != len(binary):
+                raise BadInput("inputs[0]: binary_data_size must equal the binary part's length, with no 'data'")
+            if binary_size != count * np.dtype(dtype).itemsize:
+                raise BadInput(f"inputs[0]: {binary_size} bytes do not hold shape {tensor.shape} of {tensor.datatype}")
+            values = np.frombuffer(binary, dtype=np.dtype(dtype).newbyteorder("<"))
+        else:
+            if tensor.data is None:
+                raise BadInput("inputs[0] needs 'data' (or the binary data extension)")
+            values = np.asarray(tensor.data, dtype=np.float64)
+            if values.size != count:
+                raise BadInput(f"inputs[0]: shape {tensor.shape} needs {count} values, data has {values.size}")
+            if np.dtype(dtype).kind in "iu" and not np.all(values == np.round(values)):
+                raise BadInput(f"inputs[0]: {tensor.datatype} data must be whole numbers")
+        if len(tensor.shape) != 2:
+            raise BadInput(f"inputs[0].shape must be [N, {self.context.schema.in_features}], got {tensor.shape}")
+        return self.context.schema.check_array(values.reshape(tensor.shape), "inputs[0]", BadInput)
+
+    def _encode(self, infer_request: V2InferRequest, prediction: Prediction) -> Response:
+        outputs = prediction.outputs
+        requested = {o.name: o for o in infer_request.outputs or []}
+        unknown = set(requested) - {V2_OUTPUT}
+        if unknown:
+            raise BadInput(f"unknown requested outputs {sorted(unknown)}: this model has {V2_OUTPUT!r}")
+        wants_binary = bool(((requested.get(V2_OUTPUT) and requested[V2_OUTPUT].parameters) or {})
+                            .get("binary_data", (infer_request.parameters or {}).get("binary_data_output", False)))
+        tensor: dict[str, Any] = {"name": V2_OUTPUT, "datatype": "FP32", "shape": list(outputs.shape)}
+        raw = b""
+        if wants_binary:
+            raw = np.ascontiguousarray(outputs, dtype="<f4").tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+        else:
+            tensor["data"] = outputs.reshape(-1)
+        header = orjson.dumps({"model_name": self.context.model_name, "model_version": prediction.version,
+                               "id": infer_request.id, "outputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
+        if not wants_binary:
+            return Response(header, 200, {VERSION_HEADER: prediction.version}, media_type="application/json")
+        return Response(header + raw, 200, {VERSION_HEADER: prediction.version, _BINARY_HEADER: str(len(header))},
+                        media_type="application/octet-stream")
+
+    def register(self, app: FastAPI) -> None:
+        add_route(app, "/v2", self.server_metadata, _operation("open-inference-v2", "Server metadata"), "get")
+        add_route(app, "/v2/health/live", self.live, _operation("open-inference-v2", "Server live"), "get")
+        add_route(app, "/v2/health/ready", self.server_ready, _operation(
+            "open-inference-v2", "Server ready", status_codes=(503,)), "get")
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            add_route(app, prefix, self.model_metadata, _operation(
+                "open-inference-v2", "Model metadata: inputs, outputs, live version", status_codes=(404,)), "get")
+            add_route(app, prefix + "/ready", self.model_ready, _operation(
+                "open-inference-v2", "Model ready", status_codes=(404, 503)), "get")
+            add_route(app, prefix + "/infer", self.infer, _operation(
+                "open-inference-v2", "Infer: one FP32 tensor 'input' [N, features] -> 'output' [N, 1]",
+                V2InferRequest, V2InferResponse, status_codes=(400, 404, 413, 503, 504)))
 
 
-def add_route(app: FastAPI, path: str, endpoint, operation: dict, method: str = "post") -> None:
-    """Mount a hot-path route as a plain Starlette ``Route`` and add its OpenAPI ``operation``.
+def register_protocols(app: FastAPI, context: ServingContext) -> None:
+    """Mount every protocol's routes on the app."""
+    for protocol in (NativeProtocol(context), V1Protocol(context), V2Protocol(context)):
+        protocol.register(app)
 
-    FastAPI's ``APIRoute`` solves dependencies and re-validates on every call; the protocol routes
-    validate with :mod:`serve.schemas` themselves, so they skip that and document themselves here.
-    """
+
+def _operation(tag: str, summary: str, request: type[BaseModel] | None = None, *responses: type[BaseModel],
+               status_codes: tuple[int, ...] = ()) -> dict[str, Any]:
+    """An OpenAPI operation: JSON request body, success body (any of ``responses``) and error answers."""
+    operation: dict[str, Any] = {"tags": [tag], "summary": summary, "responses": {
+        "200": {"description": "Success", "headers": {VERSION_HEADER: {"schema": {"type": "string"}}}}}}
+    if responses:
+        schemas = [_inline(model) for model in responses]
+        operation["responses"]["200"]["content"] = {"application/json": {
+            "schema": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}}}
+    if request is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _inline(request)}}}
+    for code in status_codes:
+        operation["responses"][str(code)] = {"description": _STATUS_TEXT[code], "content": {
+            "application/json": {"schema": _inline(ErrorResponse)}}}
+    return operation
+
+
+_STATUS_TEXT = {400: "Bad request", 404: "Unknown model or version", 413: "Body too large", 415: "Not JSON",
+                422: "Invalid input", 503: "Not ready, draining or overloaded", 504: "Timed out"}
+
+
+def _inline(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its ``$defs`` inlined, so it stands alone inside an operation."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    text = json.dumps(schema)
+    for _ in range(4):  # nesting depth of our models
+        for name, definition in defs.items():
+            text = text.replace(json.dumps({"$ref": f"#/$defs/{name}"}), json.dumps(definition))
+    return json.loads(text)
+
+
+def add_route(app: FastAPI, path: str, endpoint: Callable[[Request], Awaitable[Response]],
+              operation: dict[str, Any], method: str = "post") -> None:
+    """Mount a plain Starlette route and add its OpenAPI ``operation`` to the app's schema."""
     app.router.routes.append(Route(path, endpoint, methods=[method.upper()]))
     documented: dict = app.state.__dict__.setdefault("extra_openapi_paths", {})
     documented.setdefault(path, {})[method] = operation

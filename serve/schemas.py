@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from serve.errors import InvalidInput, MalformedRequest
+from serve.errors import BadInput, InvalidInput, MalformedRequest
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -38,6 +38,61 @@ class PredictManyResponse(BaseModel):
 
     outputs: list[float] | list[list[float]]
     model_version: str
+
+
+class V1PredictResponse(BaseModel):
+    """KServe V1 answer: one prediction per instance, in order."""
+
+    predictions: list[float] | list[list[float]]
+
+
+class V2Tensor(BaseModel):
+    """An Open Inference Protocol tensor: ``data`` flat or nested, or raw bytes (binary data extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[FiniteNumber] | list[list[FiniteNumber]] | None = None
+
+
+class V2RequestedOutput(BaseModel):
+    """An output the client asks for (``parameters.binary_data`` asks for raw bytes)."""
+
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    """Open Inference Protocol ``/infer`` request body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: Annotated[list[V2Tensor], Field(min_length=1)]
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2OutputTensor(BaseModel):
+    """An output tensor in a V2 answer."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[float] | None = None
+
+
+class V2InferResponse(BaseModel):
+    """Open Inference Protocol ``/infer`` answer."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2OutputTensor]
 
 
 class ErrorResponse(BaseModel):
@@ -79,6 +134,11 @@ class RowSchema:
         self.max_rows = max_rows
         self.row_type = Annotated[list[FiniteNumber], Field(min_length=in_features, max_length=in_features)]
         self.rows_type = Annotated[list[self.row_type], Field(min_length=1, max_length=max_rows)]  # type: ignore[name-defined]
+        self.v1_request = create_model(
+            "V1PredictRequest",
+            __config__=ConfigDict(extra="forbid"),
+            instances=(self.rows_type, Field(description=f"1 to {max_rows} rows of {in_features} numbers.")),
+        )
         self.predict_request = create_model(
             "PredictRequest",
             __config__=ConfigDict(extra="forbid"),
@@ -89,29 +149,34 @@ class RowSchema:
 
     def decode_predict(self, body: bytes) -> Rows:
         """Validate a native ``/predict`` body into rows; raises ``MalformedRequest`` or ``InvalidInput``."""
-        try:
-            request = self.predict_request.model_validate_json(body)
-        except ValidationError as exc:
-            raise _as_input_error(exc) from None
+        request = parse(self.predict_request, body, InvalidInput)
         if request.input is not None:
             return Rows(np.array([request.input], dtype=np.float32), single=True)
         return Rows(np.array(request.inputs, dtype=np.float32), single=False)
 
-    def check_array(self, values: np.ndarray, name: str) -> np.ndarray:
+    def decode_v1(self, body: bytes) -> Rows:
+        """Validate a KServe V1 ``{"instances": [...]}`` body; invalid content is 400 (``BadInput``)."""
+        return Rows(np.array(parse(self.v1_request, body, BadInput).instances, dtype=np.float32), single=False)
+
+    def check_array(self, values: np.ndarray, name: str, error: type[InvalidInput] = InvalidInput) -> np.ndarray:
         """Apply the same rules to an already-decoded 2-D array (tensor protocols); returns float32."""
         if values.ndim != 2 or values.shape[1] != self.in_features:
-            raise InvalidInput(f"{name}: expected shape [N, {self.in_features}], got {list(values.shape)}")
+            raise error(f"{name}: expected shape [N, {self.in_features}], got {list(values.shape)}")
         if not 1 <= values.shape[0] <= self.max_rows:
-            raise InvalidInput(f"{name}: expected 1 to {self.max_rows} rows, got {values.shape[0]}")
-        values = values.astype(np.float32, copy=False)
+            raise error(f"{name}: expected 1 to {self.max_rows} rows, got {values.shape[0]}")
+        values = np.ascontiguousarray(values, dtype=np.float32)
         if not np.isfinite(values).all():
-            raise InvalidInput(f"{name}: values must be finite numbers (no NaN or Infinity)")
+            raise error(f"{name}: values must be finite numbers (no NaN or Infinity)")
         return values
 
 
-def _as_input_error(exc: ValidationError) -> Exception:
-    """JSON syntax errors are 400 (malformed); everything else is 422 (valid JSON, wrong content)."""
-    if any(err["type"] == "json_invalid" for err in exc.errors()):
-        detail = next(err["msg"] for err in exc.errors() if err["type"] == "json_invalid")
-        return MalformedRequest(f"malformed JSON: {detail}")
-    return InvalidInput(describe_validation_error(exc))
+def parse(model: type[BaseModel], body: bytes, error: type[InvalidInput] = InvalidInput) -> Any:
+    """Validate JSON ``body`` against ``model``: syntax errors are 400 ``MalformedRequest``, content errors
+    raise ``error`` (422 for the native protocol, 400 for V1/V2) with a message naming where."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        invalid_json = [err["msg"] for err in exc.errors() if err["type"] == "json_invalid"]
+        if invalid_json:
+            raise MalformedRequest(f"malformed JSON: {invalid_json[0]}") from None
+        raise error(describe_validation_error(exc)) from None

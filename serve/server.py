@@ -29,10 +29,10 @@ from starlette.responses import JSONResponse, Response
 
 from serve import metrics
 from serve.api import Control, ServingAPI
-from serve.errors import ModelNotFound, NotReady, Unauthorized, install_error_handlers
+from serve.errors import NotReady, Unauthorized, install_error_handlers
 from serve.loader import import_model_class, input_features
 from serve.logs import configure_logging
-from serve.protocols import NativeProtocol
+from serve.protocols import NativeProtocol, ServingContext, register_protocols
 from serve.registry import read_worker_statuses
 from serve.schemas import RowSchema
 from serve.settings import Settings
@@ -129,7 +129,8 @@ class SimpleNNServer(ls.LitServer):
         # Tiny JSON answers gain nothing from gzip, and it costs every response.
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
         install_error_handlers(self.app)
-        NativeProtocol(self.schema, self.fast_transport, settings.max_body_bytes).register(self.app)
+        register_protocols(self.app, ServingContext(settings.model_name, self.schema, self.fast_transport,
+                                                    settings.max_body_bytes, self.ready, self.model_status))
         self._register_operational_routes(self.app)
         self.app.add_middleware(RequestMiddleware, settings=settings)
 
@@ -198,13 +199,6 @@ class SimpleNNServer(ls.LitServer):
         async def metrics_route() -> Response:
             body, content_type = metrics.render()
             return Response(body, media_type=content_type)
-
-        @app.get("/v1/models/{name}", tags=["status"], summary="Model status: live version, each worker, reloads")
-        async def model_status(name: str) -> Response:
-            if name != self.settings.model_name:
-                raise ModelNotFound(f"model {name!r} is not served here (serving {self.settings.model_name!r})")
-            status = self.model_status()
-            return JSONResponse(status, status_code=200 if status["ready"] else 503)
 
         if self.settings.admin_token is None:
             return
