@@ -148,3 +148,13 @@ def install_error_handlers(app) -> None:
     app.add_exception_handler(ServeError, _serve_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
+
+
+class WeightsNotFoundError(WeightsError):
+    """No servable weights at the configured location (the message names the location and why)."""
+
+    reason = "not_found"
+
+    def __init__(self, message: str) -> None:
+        ServeError.__init__(self, message)
+        self.path = None

@@ -103,6 +103,7 @@ def test_bad_files_are_rejected_while_the_old_version_keeps_answering(start_serv
     save_weights(weights, good_state)
     good_version = version_of(weights)
     server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), **FAST_RELOAD})
+    seen_at = 0.0
     for name, bad in _corruptions(weights.read_bytes()).items():
         tmp = tmp_path / f".{name}.tmp"
         if isinstance(bad, dict):
@@ -112,10 +113,11 @@ def test_bad_files_are_rejected_while_the_old_version_keeps_answering(start_serv
         os.replace(tmp, weights)
         deadline = time.monotonic() + 10
         status = {}
-        while time.monotonic() < deadline:  # wait until the worker has looked at it and said no
+        while time.monotonic() < deadline:  # wait until the worker has looked at THIS file and said no
             status = httpx.get(server.url + "/v1/models/simplenn", timeout=5).json()
             last = status["workers"][0]["last_reload"]
-            if last and last["result"] == "failed" and str(weights.resolve()) in last["error"]:
+            if last and last["result"] == "failed" and last["at"] > seen_at and str(weights.resolve()) in last["error"]:
+                seen_at = last["at"]
                 break
             time.sleep(0.05)
         else:

@@ -1,0 +1,1 @@
+"""The two reference servers the harness compares the project server against."""

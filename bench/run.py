@@ -1,0 +1,512 @@
+"""Side-by-side benchmark of simplenn-serve against a floor and a plain baseline, in ONE run.
+
+Servers (each a subprocess on a free 127.0.0.1 port, in its own process group, stopped at the end
+with SIGTERM then SIGKILL even on error):
+
+* ``floor``    - a no-op ASGI app on uvicorn (uvloop/httptools when installed) that answers every
+  POST with a small fixed JSON: the ceiling of HTTP + load generator on this machine;
+* ``baseline`` - plain FastAPI + pydantic, SimpleNN computed in-process per request under
+  ``torch.inference_mode()``, one uvicorn process, same weights and wire format as the project;
+* ``project``  - the project server, ``python -m serve --host 127.0.0.1 --port P``, ready when
+  ``GET /health/ready`` answers 200.
+
+What is measured, with wrk (keep-alive, ``bench/post.lua``), each run bounded to ``--duration``:
+
+* single-row requests (``{"input": [...]}``) at 1, 16 and 64 connections: req/s, p50/p99 latency;
+* rows/s for 1-, 64- and 1,024-row requests at 16 connections (1 row is the single-row run);
+* server CPU per request: utime+stime summed over the server's whole process tree (from
+  /proc/<pid>/stat, before and after each run) divided by completed requests.
+
+Rounds are interleaved: each round measures every server at every scenario, servers back to back
+for one scenario (their order rotating from round to round), so slow drift of a shared machine
+hits all of them alike. Figures are medians over rounds; each is also a ratio to the floor and to
+the baseline, the median of per-round ratios (each from two runs seconds apart). Non-2xx
+responses and socket errors are errors and are reported per server.
+
+Output: a markdown-style table on stdout, and ``<timestamp>.json`` plus ``<timestamp>.png`` in
+``--out`` (default bench/results/).
+
+    .venv/bin/python bench/run.py [--duration 5] [--rounds 3] [--smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: import bench, models
+
+from bench import loadgen, report
+from bench.servers import RunningServer, ServerSpec, ServerStartError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SERVER_NAMES = ("floor", "baseline", "project")
+REFERENCES = ("floor", "baseline")
+METRICS = ("req_s", "rows_s", "p50_us", "p99_us", "cpu_us_per_req")
+CHECK_ROWS = 3  # rows in the batch request of the pre-flight check
+AGREE_TOLERANCE = 1e-4  # |project - baseline| allowed in the pre-flight check
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load shape: rows per request and concurrent connections."""
+
+    rows: int
+    conns: int
+
+    @property
+    def id(self) -> str:
+        return f"rows{self.rows}_c{self.conns}"
+
+
+@dataclass
+class Measurement:
+    """One wrk run against one server; ``failure`` says why a run produced no figures."""
+
+    round: int
+    server: str
+    scenario: str
+    rows: int
+    conns: int
+    requests: int = 0
+    ok_requests: int = 0
+    errors: int = 0
+    error_detail: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
+    req_s: float | None = None
+    rows_s: float | None = None
+    p50_us: float | None = None
+    p90_us: float | None = None
+    p99_us: float | None = None
+    cpu_us_per_req: float | None = None
+    background_cpu_ms: float | None = None  # CPU the other servers used meanwhile
+    failure: str | None = None
+
+
+def int_list(text: str) -> list[int]:
+    """Parse "1,16,64" into [1, 16, 64] (positive integers)."""
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,16,64, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    """Parse "floor,baseline" into known server names, in the canonical order."""
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = names - set(SERVER_NAMES)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"servers must be among {','.join(SERVER_NAMES)}")
+    return [name for name in SERVER_NAMES if name in names]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, help="seconds per measurement (default 5; smoke 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; smoke 1)")
+    parser.add_argument("--smoke", action="store_true", help="quick check: 1 round of 1 s runs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "bench" / "results",
+        help="folder for <timestamp>.json and .png (default bench/results)",
+    )
+    parser.add_argument(
+        "--servers",
+        type=name_list,
+        default=list(SERVER_NAMES),
+        help="comma list among floor,baseline,project (default all)",
+    )
+    parser.add_argument(
+        "--conns", type=int_list, default=[1, 16, 64], help="connections for the single-row runs (default 1,16,64)"
+    )
+    parser.add_argument(
+        "--rows", type=int_list, default=[1, 64, 1024], help="rows per request for the rows/s runs (default 1,64,1024)"
+    )
+    parser.add_argument("--rows-conns", type=int, default=16, help="connections for the rows/s runs (default 16)")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=REPO_ROOT / "weights" / "model.pth",
+        help="state_dict for baseline and project (default weights/model.pth)",
+    )
+    parser.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads in the baseline (default 1, as in the project's workers)",
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=60.0, help="seconds to wait for each server's readiness (default 60)"
+    )
+    parser.add_argument("--project-args", default="", help='extra CLI args for the project server, e.g. "--workers 2"')
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (1 if args.smoke else 5)
+    args.rounds = args.rounds or (1 if args.smoke else 3)
+    return args
+
+
+def build_scenarios(conns: Sequence[int], rows: Sequence[int], rows_conns: int) -> list[Scenario]:
+    """Single-row runs at each of ``conns`` plus each of ``rows`` at ``rows_conns``, deduplicated."""
+    pairs = {(1, c) for c in conns} | {(r, rows_conns) for r in rows}
+    return [Scenario(rows=r, conns=c) for r, c in sorted(pairs)]
+
+
+def uvicorn_fast_flags() -> list[str]:
+    """``--loop uvloop --http httptools`` where installed, else uvicorn's pure-Python defaults."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return ["--loop", loop, "--http", http]
+
+
+def server_specs(args: argparse.Namespace) -> dict[str, ServerSpec]:
+    """How to start each server; ``{port}``/``{host}`` are filled in at launch."""
+    py = sys.executable
+    uvicorn = [
+        py,
+        "-m",
+        "uvicorn",
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        *uvicorn_fast_flags(),
+    ]
+    weights = str(args.weights.resolve())
+    return {
+        "floor": ServerSpec("floor", [*uvicorn, "bench.apps.floor_app:app"], ready_timeout_s=args.ready_timeout),
+        "baseline": ServerSpec(
+            "baseline",
+            [*uvicorn, "bench.apps.baseline_app:app"],
+            env={"BENCH_WEIGHTS": weights, "BENCH_TORCH_THREADS": str(args.baseline_threads)},
+            ready_timeout_s=args.ready_timeout,
+        ),
+        "project": ServerSpec(
+            "project",
+            [py, "-m", "serve", "--host", "{host}", "--port", "{port}", *shlex.split(args.project_args)],
+            env={"SIMPLENN_HOST": "{host}", "SIMPLENN_PORT": "{port}", "SIMPLENN_WEIGHTS": weights},
+            ready_timeout_s=args.ready_timeout,
+        ),
+    }
+
+
+def git_commit() -> str | None:
+    """HEAD's commit id, with "-dirty" if the work tree has changes; None outside git."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        dirty = False
+    return commit + ("-dirty" if dirty else "")
+
+
+def collect_meta(args: argparse.Namespace, wrk: str, scenarios: list[Scenario]) -> dict[str, Any]:
+    """The header of the report: when, where, how."""
+    import torch
+
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nproc": len(os.sched_getaffinity(0)),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "wrk": loadgen.wrk_version(wrk),
+        "uvicorn_flags": uvicorn_fast_flags(),
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "smoke": args.smoke,
+        "weights": str(args.weights),
+        "baseline_threads": args.baseline_threads,
+        "servers": args.servers,
+        "scenarios": [asdict(s) | {"id": s.id} for s in scenarios],
+    }
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks stop the servers."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_servers(
+    specs: Sequence[ServerSpec], log_dir: Path, stack: ExitStack
+) -> tuple[dict[str, RunningServer], dict[str, dict[str, Any]]]:
+    """Launch all servers at once (each stopped when ``stack`` closes), then wait for each.
+
+    Returns the ready servers and, for every server, its info (command, startup time, error).
+    """
+    launched: list[RunningServer] = []
+    for spec in specs:
+        server = RunningServer(spec, log_dir)
+        stack.callback(server.stop)
+        server.launch()
+        launched.append(server)
+    ready: dict[str, RunningServer] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for server in launched:
+        entry: dict[str, Any] = {"command": shlex.join(server.spec.argv), "error": None}
+        try:
+            server.wait_ready()
+            ready[server.spec.name] = server
+        except ServerStartError as exc:
+            entry["error"] = str(exc)
+            print(f"!! {exc}", file=sys.stderr)
+        entry["startup_s"] = server.startup_s
+        info[server.spec.name] = entry
+    return ready, info
+
+
+def check_server(server: RunningServer) -> dict[str, Any]:
+    """Pre-flight: one single-row and one batch request; the reply must have the project's shape.
+
+    The floor only has to answer 200. Returns {"ok", "detail", "outputs"}.
+    """
+    outputs: list[float] = []
+    for rows in (1, CHECK_ROWS):
+        status, body = server.request("POST", "/predict", loadgen.make_body(rows, seed=rows))
+        if status != 200:
+            return {"ok": False, "detail": f"{rows}-row POST /predict -> {status}: {body[:300]!r}", "outputs": outputs}
+        if server.spec.name == "floor":
+            continue
+        try:
+            reply = json.loads(body)
+            values = [reply["output"]] if rows == 1 else list(reply["outputs"])
+            if len(values) != rows or not isinstance(reply["model_version"], str):
+                raise ValueError(f"expected {rows} output(s) and a model_version")
+            outputs += [float(v) for v in values]
+        except (ValueError, KeyError, TypeError) as exc:
+            return {"ok": False, "detail": f"{rows}-row reply {body[:300]!r}: {exc}", "outputs": outputs}
+    return {"ok": True, "detail": "ok", "outputs": outputs}
+
+
+def preflight(
+    servers: dict[str, RunningServer],
+    info: dict[str, dict[str, Any]],
+    wrk: str,
+    warmup_body: Path,
+    warmup_s: int,
+) -> None:
+    """Check every server's replies (and project vs baseline outputs), then warm it up with wrk."""
+    for name, server in servers.items():
+        info[name]["check"] = check_server(server)
+        if not info[name]["check"]["ok"]:
+            print(f"!! {name}: {info[name]['check']['detail']}", file=sys.stderr)
+        try:
+            loadgen.run_wrk(wrk, server.url("/predict"), warmup_body, conns=4, duration_s=warmup_s)
+        except loadgen.WrkError as exc:
+            print(f"!! {name}: warm-up failed: {exc}", file=sys.stderr)
+    if "project" in servers and "baseline" in servers:
+        ours, theirs = info["project"]["check"]["outputs"], info["baseline"]["check"]["outputs"]
+        agree = len(ours) == len(theirs) > 0 and all(
+            abs(a - b) <= AGREE_TOLERANCE for a, b in zip(ours, theirs, strict=True)
+        )
+        info["project"]["check"]["agrees_with_baseline"] = agree
+        if not agree:
+            print(f"!! project outputs {ours} differ from baseline {theirs}", file=sys.stderr)
+
+
+def measure(
+    server: RunningServer,
+    others: Sequence[RunningServer],
+    scenario: Scenario,
+    body: Path,
+    wrk: str,
+    duration_s: int,
+    round_no: int,
+) -> Measurement:
+    """One wrk run against ``server``, with the CPU its process tree used meanwhile."""
+    m = Measurement(
+        round=round_no, server=server.spec.name, scenario=scenario.id, rows=scenario.rows, conns=scenario.conns
+    )
+    if not server.alive():
+        m.failure = f"server exited; log tail:\n{server.log_tail()}"
+        return m
+    cpu_before = server.cpu_seconds()
+    background_before = sum(o.cpu_seconds() for o in others if o.alive())
+    try:
+        result = loadgen.run_wrk(wrk, server.url("/predict"), body, scenario.conns, duration_s)
+    except loadgen.WrkError as exc:
+        m.failure = str(exc)
+        return m
+    if not server.alive():
+        m.failure = f"server exited during the run; log tail:\n{server.log_tail()}"
+        return m
+    cpu_s = server.cpu_seconds() - cpu_before
+    background_s = sum(o.cpu_seconds() for o in others if o.alive()) - background_before
+    m.requests, m.ok_requests, m.errors = result.requests, result.ok_requests, result.errors
+    m.error_detail = {**result.socket_errors, "non2xx": result.non2xx}
+    m.duration_s = result.duration_s
+    m.req_s = result.ok_requests / result.duration_s if result.duration_s else None
+    m.rows_s = m.req_s * scenario.rows if m.req_s is not None else None
+    m.p50_us, m.p90_us, m.p99_us = result.p50_us, result.p90_us, result.p99_us
+    m.cpu_us_per_req = cpu_s * 1e6 / result.requests if result.requests else None
+    m.background_cpu_ms = background_s * 1e3
+    return m
+
+
+def run_rounds(
+    servers: dict[str, RunningServer],
+    scenarios: Sequence[Scenario],
+    bodies: dict[int, Path],
+    wrk: str,
+    duration_s: int,
+    rounds: int,
+) -> list[Measurement]:
+    """Every round: for each scenario, each server back to back (order rotates by round)."""
+    names = list(servers)
+    measurements: list[Measurement] = []
+    for round_no in range(rounds):
+        shift = round_no % len(names) if names else 0
+        order = names[shift:] + names[:shift]
+        for scenario in scenarios:
+            for name in order:
+                others = [s for n, s in servers.items() if n != name]
+                m = measure(servers[name], others, scenario, bodies[scenario.rows], wrk, duration_s, round_no)
+                measurements.append(m)
+                print(
+                    f"round {round_no + 1}/{rounds} {scenario.id:>13} {name:>8}: "
+                    f"{report.fmt_num(m.req_s)} req/s, {m.errors} errors"
+                    + (f" FAILED: {m.failure.splitlines()[0]}" if m.failure else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return measurements
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(present) if present else None
+
+
+def summarize(
+    measurements: Sequence[Measurement], scenarios: Sequence[Scenario], names: Sequence[str]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """summary[scenario_id][server]: medians over rounds, totals, and ratios to the references.
+
+    ``vs_floor`` / ``vs_baseline`` hold, per metric, the median over rounds of
+    (this server's figure / the reference's figure in the same round and scenario).
+    """
+    by_key = {(m.round, m.scenario, m.server): m for m in measurements if m.failure is None}
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for sc in scenarios:
+        summary[sc.id] = {}
+        for name in names:
+            runs = [m for m in measurements if m.scenario == sc.id and m.server == name]
+            good = [m for m in runs if m.failure is None]
+            entry: dict[str, Any] = {
+                "scenario": sc.id,
+                "rows": sc.rows,
+                "conns": sc.conns,
+                "rounds": len(good),
+                "requests": sum(m.requests for m in good),
+                "errors": sum(m.errors for m in good),
+                "failures": [m.failure for m in runs if m.failure],
+            }
+            for metric in METRICS:
+                entry[metric] = median_or_none([getattr(m, metric) for m in good])
+            for ref in REFERENCES:
+                entry[f"vs_{ref}"] = {
+                    metric: median_or_none(
+                        [
+                            ratio(getattr(m, metric), getattr(by_key.get((m.round, sc.id, ref)), metric, None))
+                            for m in good
+                        ]
+                    )
+                    for metric in METRICS
+                }
+            summary[sc.id][name] = entry
+    return summary
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference == 0:
+        return None
+    return value / reference
+
+
+def write_bodies(folder: Path, row_counts: set[int]) -> dict[int, Path]:
+    """One request-body file per row count (single-row form for 1)."""
+    paths = {}
+    for rows in sorted(row_counts):
+        paths[rows] = folder / f"body_{rows}.json"
+        paths[rows].write_bytes(loadgen.make_body(rows, seed=rows))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        wrk = loadgen.find_wrk()
+    except loadgen.WrkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    scenarios = build_scenarios(args.conns, args.rows, args.rows_conns)
+    meta = collect_meta(args, wrk, scenarios)
+    specs = server_specs(args)
+    os.chdir(REPO_ROOT)  # servers import bench.* / serve / models from the repository root
+    with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="simplenn-bench-") as tmp, ExitStack() as stack:
+        bodies = write_bodies(Path(tmp), {s.rows for s in scenarios})
+        servers, info = start_servers([specs[n] for n in args.servers], Path(tmp), stack)
+        preflight(servers, info, wrk, bodies[1], warmup_s=1)
+        measurements = run_rounds(servers, scenarios, bodies, wrk, args.duration, args.rounds)
+    result = {
+        "meta": meta,
+        "servers": info,
+        "summary": summarize(measurements, scenarios, list(servers)),  # the ones that started
+        "measurements": [asdict(m) for m in measurements],
+    }
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(report.format_report(result))
+    print(f"\nJSON: {json_path}")
+    if not args.no_plot:
+        png_path = report.plot(result, json_path.with_suffix(".png"))
+        print(f"plot: {png_path}")
+    failed = any(e["error"] for e in info.values()) or any(m.failure for m in measurements)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""serve.transport: frames, batching across requests and protocols, the queue bound and timeouts."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.transport import _REQUEST, ReplyChannel, RequestQueue, parse_replies
+
+
+def _sample(metrics_text: str, name: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise KeyError(name)
+
+
+def test_reply_frames_round_trip() -> None:
+    channel = ReplyChannel(mp.get_context("spawn"))
+    outputs = np.arange(6, dtype=np.float32).reshape(3, 2)
+    channel.send("abc123", [(7, 0, outputs), (8, 1, "inference failed: boom")])
+    (length,) = struct.unpack("<I", os.read(channel.reader.fileno(), 4))
+    body = os.read(channel.reader.fileno(), length)
+    version, records = parse_replies(body)
+    assert version == "abc123"
+    assert records[0][0] == 7 and np.array_equal(records[0][2], outputs)
+    assert records[1] == (8, 1, "inference failed: boom")
+
+
+def test_take_batch_respects_max_rows_and_keeps_the_rest() -> None:
+    queue = RequestQueue(mp.get_context("spawn"), 1 << 16)
+    for uid, rows in enumerate([3, 3, 3]):
+        frame = np.full((rows, 2), uid, dtype=np.float32)
+        queue.write_frame(_REQUEST.pack(0, uid, time.monotonic(), rows, 2) + frame.tobytes())
+    first = queue.take_batch(max_rows=6, linger=0)
+    assert [r.uid for r in first] == [0, 1]
+    second = queue.take_batch(max_rows=6, linger=0)
+    assert [r.uid for r in second] == [2] and second[0].values.shape == (3, 2)
+    assert queue.take_batch(max_rows=6, linger=0, wait=0.05) == []
+
+
+def test_a_v2_request_and_a_native_request_share_one_forward_pass(start_server) -> None:
+    server = start_server(env={"SIMPLENN_BATCH_TIMEOUT_MS": "300", "SIMPLENN_API_SERVERS": "1"})
+    before = httpx.get(server.url + "/metrics").text
+    v2 = {"inputs": [{"name": "input", "shape": [8, 10], "datatype": "FP32", "data": [0.25] * 80}]}
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(httpx.post, server.url + "/v2/models/simplenn/infer", json=v2, timeout=10)
+        time.sleep(0.05)
+        b = pool.submit(httpx.post, server.url + "/predict", json={"input": [0.25] * 10}, timeout=10)
+        assert a.result().status_code == 200 and b.result().status_code == 200
+    after = httpx.get(server.url + "/metrics").text
+    batches = _sample(after, "simplenn_batch_size_rows_count") - _sample(before, "simplenn_batch_size_rows_count")
+    rows = _sample(after, "simplenn_batch_size_rows_sum") - _sample(before, "simplenn_batch_size_rows_sum")
+    assert (batches, rows) == (1, 9)
+    assert a.result().json()["outputs"][0]["data"][0] == b.result().json()["output"]
+
+
+def test_concurrent_requests_are_batched(start_server) -> None:
+    server = start_server(env={"SIMPLENN_BATCH_TIMEOUT_MS": "20"})
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(lambda _: httpx.post(server.url + "/predict", json={"input": [1.0] * 10},
+                                                      timeout=10).status_code, range(64)))
+    assert statuses == [200] * 64
+    text = httpx.get(server.url + "/metrics").text
+    batches = _sample(text, "simplenn_batch_size_rows_count")
+    assert _sample(text, "simplenn_batch_size_rows_sum") >= 64
+    assert batches < 64 * 0.75, f"{batches} forward passes for 64 concurrent requests"
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(start_server) -> None:
+    server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "1.0",
+                               "SIMPLENN_MAX_BATCH_SIZE": "1", "SIMPLENN_MAX_QUEUE_BYTES": "65536",
+                               "SIMPLENN_API_SERVERS": "1"})
+    body = {"inputs": [[0.5] * 10] * 1000}  # 40 kB of float32 per queued request
+
+    def send(_: int) -> tuple[int, float, str | None]:
+        started = time.monotonic()
+        response = httpx.post(server.url + "/predict", json=body, timeout=30)
+        return response.status_code, time.monotonic() - started, response.headers.get("retry-after")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, range(8)))
+    refused = [r for r in results if r[0] == 503]
+    assert refused, results
+    assert all(seconds < 1.0 and retry == "1" for _, seconds, retry in refused), refused
+    assert any(status == 200 for status, _, _ in results)
+
+
+def test_a_request_that_waits_too_long_gets_504(start_server) -> None:
+    server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "1.5",
+                               "SIMPLENN_REQUEST_TIMEOUT_S": "0.5"})
+    started = time.monotonic()
+    response = httpx.post(server.url + "/predict", json={"input": [0.5] * 10}, timeout=10)
+    assert response.status_code == 504 and "0.5 s" in response.json()["error"]
+    assert time.monotonic() - started < 1.4
