@@ -11,7 +11,7 @@ import logging
 
 import orjson
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,12 @@ async def _http_error_handler(_: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
+async def _client_gone_handler(_: Request, exc: Exception) -> Response:
+    """The client closed the connection mid-request: nobody reads this answer; not a server error."""
+    logger.debug("client disconnected before the request was read")
+    return Response(status_code=499)
+
+
 async def _unexpected_error_handler(_: Request, exc: Exception) -> Response:
     logger.exception("unexpected error", exc_info=exc)
     return error_response(InferenceError("internal server error"))
@@ -147,6 +153,7 @@ def install_error_handlers(app) -> None:
     """Register the mapping on a Starlette/FastAPI app (404/405 from routing get the same body shape)."""
     app.add_exception_handler(ServeError, _serve_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(ClientDisconnect, _client_gone_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
 
 

@@ -20,7 +20,7 @@ REQUESTS = Counter("simplenn_requests_total", "HTTP requests answered, by route 
                    ["route", "code"])
 REQUEST_SECONDS = Histogram("simplenn_request_duration_seconds", "Time from request to answer, by route.",
                             ["route"], buckets=_LATENCY_BUCKETS)
-IN_FLIGHT = Gauge("simplenn_requests_in_flight", "Prediction requests being handled now.",
+IN_FLIGHT = Gauge("simplenn_requests_in_flight", "HTTP requests being handled now (a scrape counts itself).",
                   multiprocess_mode="livesum")
 INFERENCE_SECONDS = Histogram("simplenn_inference_duration_seconds", "Forward pass time per batch.",
                               buckets=_LATENCY_BUCKETS)

@@ -63,9 +63,20 @@ class RoutesSpec(LitSpec):
 class RequestMiddleware:
     """Pure ASGI middleware: request id, access log, request metrics; also configures logging per process."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
+    def __init__(self, app: Any, settings: Settings, routes: list[Any]) -> None:
         self.app = app
         self.settings = settings
+        self.routes = routes
+        self._templates: dict[Any, str] | None = None
+
+    def route_label(self, scope: dict) -> str:
+        """The matched route's path template (bounded label values), or ``unmatched``."""
+        route = scope.get("route")
+        if route is not None and hasattr(route, "path"):
+            return route.path
+        if self._templates is None:
+            self._templates = {r.endpoint: r.path for r in self.routes if hasattr(r, "endpoint")}
+        return self._templates.get(scope.get("endpoint"), "unmatched")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -95,7 +106,7 @@ class RequestMiddleware:
         finally:
             metrics.IN_FLIGHT.dec()
             elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = self.route_label(scope)
             metrics.REQUESTS.labels(route=route, code=str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
             if self.settings.access_log:
@@ -132,7 +143,7 @@ class SimpleNNServer(ls.LitServer):
         register_protocols(self.app, ServingContext(settings.model_name, self.schema, self.fast_transport,
                                                     settings.max_body_bytes, self.ready, self.model_status))
         self._register_operational_routes(self.app)
-        self.app.add_middleware(RequestMiddleware, settings=settings)
+        self.app.add_middleware(RequestMiddleware, settings=settings, routes=self.app.router.routes)
 
     # -- LitServe hooks ------------------------------------------------------------------------
     def _init_manager(self, num_api_servers: int) -> Any:
