@@ -85,6 +85,13 @@ class Overloaded(ServeError):
     headers = {"Retry-After": "1"}
 
 
+class WorkerLost(ServeError):
+    """The inference worker holding the request died; it is being replaced. Safe to retry."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
 class RequestTimeout(ServeError):
     """No inference worker answered within ``SIMPLENN_REQUEST_TIMEOUT_S``."""
 

@@ -8,6 +8,7 @@ client's bad row can never fail another client's request in the same batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Annotated, Any
 
 import numpy as np
@@ -151,12 +152,17 @@ class RowSchema:
         """Validate a native ``/predict`` body into rows; raises ``MalformedRequest`` or ``InvalidInput``."""
         request = parse(self.predict_request, body, InvalidInput)
         if request.input is not None:
-            return Rows(np.array([request.input], dtype=np.float32), single=True)
-        return Rows(np.array(request.inputs, dtype=np.float32), single=False)
+            return Rows(self.to_array([request.input]), single=True)
+        return Rows(self.to_array(request.inputs), single=False)
 
     def decode_v1(self, body: bytes) -> Rows:
         """Validate a KServe V1 ``{"instances": [...]}`` body; invalid content is 400 (``BadInput``)."""
-        return Rows(np.array(parse(self.v1_request, body, BadInput).instances, dtype=np.float32), single=False)
+        return Rows(self.to_array(parse(self.v1_request, body, BadInput).instances), single=False)
+
+    def to_array(self, rows: list[list[float]]) -> np.ndarray:
+        """Validated rows -> float32 (n, in_features); ``fromiter`` is ~2x faster than ``np.array`` here."""
+        flat = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=len(rows) * self.in_features)
+        return flat.astype(np.float32).reshape(len(rows), self.in_features)
 
     def check_array(self, values: np.ndarray, name: str, error: type[InvalidInput] = InvalidInput) -> np.ndarray:
         """Apply the same rules to an already-decoded 2-D array (tensor protocols); returns float32."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hmac
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class RequestMiddleware:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or os.urandom(12).hex()
         status = 500
 
         async def send_with_id(message: dict) -> None:
@@ -137,6 +137,7 @@ class SimpleNNServer(ls.LitServer):
         super().__init__(api, accelerator="cpu" if settings.device == "cpu" else "auto",
                          workers_per_device=settings.workers, timeout=settings.request_timeout_s,
                          restart_workers=True)
+        self.monitor_internal = 0.5  # LitServe's worker liveness check period (seconds)
         # Tiny JSON answers gain nothing from gzip, and it costs every response.
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
         install_error_handlers(self.app)
@@ -153,6 +154,16 @@ class SimpleNNServer(ls.LitServer):
         for lit_api in self.litapi_connector:
             self.litapi_request_queues[lit_api.api_path] = self.fast_transport.requests
         return manager
+
+    def launch_single_inference_worker(self, lit_api: Any, worker_id: int) -> Any:
+        """LitServe calls this to replace a dead worker: tell the API servers first (they fail its requests)."""
+        logger.error("inference worker %d died; starting a new one", worker_id)
+        self.fast_transport.worker_restarts.value += 1
+        for dead in self.inference_workers:
+            if not dead.is_alive():
+                metrics.mark_process_dead(dead.pid)
+        (self.status_dir / f"startup-error-{worker_id}.txt").unlink(missing_ok=True)
+        return super().launch_single_inference_worker(lit_api, worker_id)
 
     def verify_worker_status(self) -> None:
         """Wait until every worker is ready; fail fast with the worker's one-line reason if one is not."""

@@ -41,7 +41,7 @@ from litserve.loops.base import LitLoop
 from litserve.transport.base import MessageTransport
 
 from serve import metrics
-from serve.errors import InferenceError, Overloaded, RequestTimeout
+from serve.errors import InferenceError, Overloaded, RequestTimeout, WorkerLost
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ class Transport(MessageTransport):
         self.requests = RequestQueue(ctx, max_queue_bytes)
         self.replies = [ReplyChannel(ctx, 1 << 20) for _ in range(num_consumers)]
         self.request_timeout = request_timeout
+        self.worker_restarts = ctx.Value("i", 0, lock=False)  # bumped by the supervisor on each restart
         self.consumer: int | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._uids = itertools.count(1)
@@ -274,10 +275,25 @@ class Transport(MessageTransport):
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable, fd)
         self._closed = loop.create_future()
+        watcher = loop.create_task(self._fail_pending_on_worker_restart())
         try:
             await self._closed
         finally:
+            watcher.cancel()
             loop.remove_reader(fd)
+
+    async def _fail_pending_on_worker_restart(self) -> None:
+        """When a worker dies, its requests will never be answered: fail every pending one with 503 at once
+        (predictions are safe to retry) instead of letting them wait for the timeout."""
+        seen = self.worker_restarts.value
+        while True:
+            await asyncio.sleep(0.1)
+            if self.worker_restarts.value != seen:
+                seen = self.worker_restarts.value
+                pending, self._pending = self._pending, {}
+                for future in pending.values():
+                    if not future.done():
+                        future.set_exception(WorkerLost("the inference worker stopped; retry"))
 
     def _on_readable(self, fd: int) -> None:
         try:

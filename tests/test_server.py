@@ -132,3 +132,30 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(start_server) -
     while _alive(tree) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(tree), "processes left behind"
+
+
+def test_a_killed_worker_fails_its_requests_with_503_fast_and_is_replaced(start_server) -> None:
+    server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "3",
+                               "SIMPLENN_REQUEST_TIMEOUT_S": "60"})
+    workers = [pid for pid in _tree(server.proc.pid)
+               if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(workers) == 1
+    results: list[tuple[int, float]] = []
+
+    def call() -> None:
+        started = time.monotonic()
+        response = httpx.post(server.url + "/predict", json={"input": [0.1] * 10}, timeout=60)
+        results.append((response.status_code, time.monotonic() - started))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    os.kill(workers[0], signal.SIGKILL)
+    for thread in threads:
+        thread.join(30)
+    assert [status for status, _ in results] == [503] * 3
+    assert all(seconds < 3 for _, seconds in results), results  # not the 60 s timeout
+    server.wait_ready(60)  # replaced, ready again
+    assert httpx.post(server.url + "/predict", json={"input": [0.1] * 10}, timeout=30).status_code == 200
+    assert "died; starting a new one" in server.log()
