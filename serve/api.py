@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from serve.errors import WeightsError
 from serve.loader import LoadOptions, resolve_device
 from serve.logs import configure_logging
+from serve.process import detach_worker
 from serve.registry import ModelRegistry
 from serve.settings import Settings
 from serve.source import WeightsSource
@@ -64,7 +64,7 @@ class ServingAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         """Load and verify the weights on this worker's device, then start watching for new ones."""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process coordinates shutdown
+        detach_worker()  # the main process coordinates shutdown
         configure_logging(self.settings.log_level)
         worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         try:

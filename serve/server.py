@@ -32,6 +32,7 @@ from serve.api import Control, ServingAPI
 from serve.errors import NotReady, Unauthorized, install_error_handlers
 from serve.loader import import_model_class, input_features
 from serve.logs import configure_logging
+from serve.process import supervise_forked_children
 from serve.protocols import NativeProtocol, ServingContext, register_protocols
 from serve.registry import read_worker_statuses
 from serve.schemas import RowSchema
@@ -156,14 +157,24 @@ class SimpleNNServer(ls.LitServer):
         return manager
 
     def launch_single_inference_worker(self, lit_api: Any, worker_id: int) -> Any:
-        """LitServe calls this to replace a dead worker: tell the API servers first (they fail its requests)."""
+        """LitServe calls this to replace a dead worker: tell the API servers first (they fail its requests).
+        While draining nothing is replaced (the dead process stays in the list and is reaped at shutdown)."""
+        old = self.inference_workers[self._worker_index(lit_api, worker_id)]
+        if self.draining.value:
+            return old
         logger.error("inference worker %d died; starting a new one", worker_id)
         self.fast_transport.worker_restarts.value += 1
-        for dead in self.inference_workers:
-            if not dead.is_alive():
-                metrics.mark_process_dead(dead.pid)
+        metrics.mark_process_dead(old.pid)
         (self.status_dir / f"startup-error-{worker_id}.txt").unlink(missing_ok=True)
         return super().launch_single_inference_worker(lit_api, worker_id)
+
+    def _worker_index(self, lit_api: Any, worker_id: int) -> int:
+        offset = 0
+        for api in self.litapi_connector:
+            if api is lit_api:
+                return offset + worker_id
+            offset += len(self._inference_workers_config_for_api(api.api_path))
+        raise ValueError("unknown LitAPI")
 
     def verify_worker_status(self) -> None:
         """Wait until every worker is ready; fail fast with the worker's one-line reason if one is not."""
@@ -252,6 +263,7 @@ class SimpleNNServer(ls.LitServer):
 
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT, then drain and stop every child process."""
+        supervise_forked_children()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, lambda *_: self.control.request_rescan())
