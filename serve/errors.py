@@ -130,38 +130,32 @@ def error_response(exc: ServeError) -> Response:
     return Response(error_body(exc.message), exc.status_code, exc.headers or None, media_type="application/json")
 
 
-async def _serve_error_handler(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServeError)
-    if exc.status_code >= 500:
-        logger.warning("answering %d: %s", exc.status_code, exc.message)
-    return error_response(exc)
-
-
-async def _http_error_handler(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    error = ServeError(str(exc.detail))
-    error.status_code = exc.status_code
-    error.headers = dict(exc.headers or {})
-    return error_response(error)
-
-
-async def _client_gone_handler(_: Request, exc: Exception) -> Response:
-    """The client closed the connection mid-request: nobody reads this answer; not a server error."""
-    logger.debug("client disconnected before the request was read")
-    return Response(status_code=499)
-
-
-async def _unexpected_error_handler(_: Request, exc: Exception) -> Response:
-    logger.exception("unexpected error", exc_info=exc)
+def response_for(exc: Exception) -> Response:
+    """The one mapping from any exception to its HTTP answer."""
+    if isinstance(exc, ServeError):
+        if exc.status_code >= 500:
+            logger.warning("answering %d: %s", exc.status_code, exc.message)
+        return error_response(exc)
+    if isinstance(exc, StarletteHTTPException):  # routing's 404/405, in our body shape
+        error = ServeError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.headers = dict(exc.headers or {})
+        return error_response(error)
+    if isinstance(exc, ClientDisconnect):  # nobody reads this answer; not a server error
+        logger.debug("client disconnected before the request was read")
+        return Response(status_code=499)
+    logger.error("unexpected error", exc_info=exc)
     return error_response(InferenceError("internal server error"))
 
 
+async def _handler(_: Request, exc: Exception) -> Response:
+    return response_for(exc)
+
+
 def install_error_handlers(app) -> None:
-    """Register the mapping on a Starlette/FastAPI app (404/405 from routing get the same body shape)."""
-    app.add_exception_handler(ServeError, _serve_error_handler)
-    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
-    app.add_exception_handler(ClientDisconnect, _client_gone_handler)
-    app.add_exception_handler(Exception, _unexpected_error_handler)
+    """Register :func:`response_for` on a Starlette/FastAPI app for every exception type."""
+    for exc_type in (ServeError, StarletteHTTPException, ClientDisconnect, Exception):
+        app.add_exception_handler(exc_type, _handler)
 
 
 class WeightsNotFoundError(WeightsError):

@@ -64,20 +64,14 @@ class RoutesSpec(LitSpec):
 class RequestMiddleware:
     """Pure ASGI middleware: request id, access log, request metrics; also configures logging per process."""
 
-    def __init__(self, app: Any, settings: Settings, routes: list[Any]) -> None:
+    def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.routes = routes
-        self._templates: dict[Any, str] | None = None
 
-    def route_label(self, scope: dict) -> str:
+    @staticmethod
+    def route_label(scope: dict) -> str:
         """The matched route's path template (bounded label values), or ``unmatched``."""
-        route = scope.get("route")
-        if route is not None and hasattr(route, "path"):
-            return route.path
-        if self._templates is None:
-            self._templates = {r.endpoint: r.path for r in self.routes if hasattr(r, "endpoint")}
-        return self._templates.get(scope.get("endpoint"), "unmatched")
+        return getattr(scope.get("route"), "path", "unmatched")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -142,10 +136,15 @@ class SimpleNNServer(ls.LitServer):
         # Tiny JSON answers gain nothing from gzip, and it costs every response.
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
         install_error_handlers(self.app)
-        register_protocols(self.app, ServingContext(settings.model_name, self.schema, self.fast_transport,
-                                                    settings.max_body_bytes, self.ready, self.model_status))
+        protocols = register_protocols(self.app, ServingContext(
+            settings.model_name, self.schema, self.fast_transport, settings.max_body_bytes, self.ready,
+            self.model_status))
         self._register_operational_routes(self.app)
-        self.app.add_middleware(RequestMiddleware, settings=settings, routes=self.app.router.routes)
+        # The app's outermost layers: request id / metrics / access log, then the protocol routes, then
+        # FastAPI's own stack for everything else (Starlette builds the stack on the first request).
+        build_fastapi_stack = self.app.build_middleware_stack
+        self.app.build_middleware_stack = lambda: RequestMiddleware(  # type: ignore[method-assign]
+            protocols.wrap(build_fastapi_stack()), settings)
 
     # -- LitServe hooks ------------------------------------------------------------------------
     def _init_manager(self, num_api_servers: int) -> Any:
