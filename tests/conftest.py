@@ -64,6 +64,68 @@ def assert_matches(actual, expected) -> None:
     np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=1e-6, atol=1e-6)
 
 
+class _RunsCode:
+    """Unpickling this runs ``touch <marker>``: a weights file must never do that."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# The weights source never offers these as candidates (nothing to load): startup says "no servable
+# weights", a reload keeps the old model without an attempt.
+NOT_CANDIDATES = {"zero-bytes", "symlink-loop"}
+HOSTILE_KINDS = ["zero-bytes", "random-bytes", "truncated", "runs-code", "wrong-keys", "wrong-shape", "wrong-dtype",
+                 "nan", "inf", "too-large", "symlink-loop"]
+
+
+def write_hostile(kind: str, path: Path, marker: Path) -> Path:
+    """Write one kind of broken or hostile weights file at ``path`` (by atomic rename); returns ``path``.
+
+    ``too-large`` is a valid file padded to over 4 kB: serve it with ``SIMPLENN_MAX_WEIGHTS_BYTES=4096``.
+    ``runs-code`` would create ``marker`` if it were ever unpickled.
+    """
+    state = make_state_dict(5)
+    tmp = path.with_name(f".{path.name}.{kind}.tmp")
+    if kind == "symlink-loop":
+        tmp.symlink_to(tmp.name)
+        os.replace(tmp, path)
+        return path
+    content: bytes | dict | None = None
+    if kind == "zero-bytes":
+        content = b""
+    elif kind == "random-bytes":
+        content = os.urandom(2048)
+    elif kind == "truncated":
+        torch.save(state, tmp)
+        content = tmp.read_bytes()[:600]
+    elif kind == "runs-code":
+        content = {"fc1.weight": _RunsCode(marker)}
+    elif kind == "wrong-keys":
+        state["fc3.weight"] = state.pop("fc2.weight")
+    elif kind == "wrong-shape":
+        state["fc2.weight"] = torch.zeros(2, 5)
+    elif kind == "wrong-dtype":
+        state["fc1.weight"] = torch.ones(5, 10, dtype=torch.int64)
+    elif kind == "nan":
+        state["fc1.weight"][0, 0] = float("nan")
+    elif kind == "inf":
+        state["fc2.bias"][0] = float("inf")
+    elif kind != "too-large":
+        raise ValueError(kind)
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        torch.save(content if content is not None else state, tmp)
+    if kind == "too-large":
+        with open(tmp, "ab") as out:
+            out.write(b"\0" * 4096)
+    os.replace(tmp, path)
+    return path
+
+
 @pytest.fixture
 def weights_factory(tmp_path: Path):
     """``weights_factory(seed, name="model.pth")`` -> (path, state_dict)."""

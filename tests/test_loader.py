@@ -13,7 +13,7 @@ import torch
 
 from serve.errors import WeightsError
 from serve.loader import LoadOptions, input_features, load_model, resolve_device
-from tests.conftest import SHIPPED_WEIGHTS, make_state_dict, reference_outputs, save_weights
+from tests.conftest import SHIPPED_WEIGHTS, _RunsCode, make_state_dict, reference_outputs, save_weights
 from models.simple_nn import SimpleNN
 
 CPU = LoadOptions("models.simple_nn:SimpleNN", torch.device("cpu"))
@@ -105,15 +105,9 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
     assert _refused(tmp_path / "cut.pth").reason == "unreadable"
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_pickle_that_would_run_code_never_runs_it(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    payload = _RunsCode()
-    payload.marker = marker  # type: ignore[attr-defined]
+    payload = _RunsCode(marker)
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"fc1.weight": payload}))
     torch.save({"fc1.weight": payload}, tmp_path / "evil-zip.pth")
     for name in ("evil.pth", "evil-zip.pth"):

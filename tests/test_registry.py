@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_matches, make_state_dict, reference_outputs, save_weights
+from tests.conftest import HOSTILE_KINDS, NOT_CANDIDATES, assert_matches, make_state_dict, reference_outputs, save_weights, write_hostile
 
 ROWS = np.random.default_rng(3).standard_normal((4, 10))
 FAST_RELOAD = {"SIMPLENN_POLL_INTERVAL_S": "0.2", "SIMPLENN_RELOAD_DEBOUNCE_S": "0.1"}
@@ -86,37 +86,29 @@ def test_twenty_swaps_under_load_fail_nothing_and_every_answer_matches_its_versi
     print(f"\nrename -> first answer: p50 {np.percentile(delays, 50):.3f} s, p99 {np.percentile(delays, 99):.3f} s")
 
 
-def _corruptions(good: bytes) -> dict[str, bytes | dict]:
-    wrong_shape = make_state_dict(5)
-    wrong_shape["fc2.weight"] = torch.zeros(2, 5)
-    wrong_keys = make_state_dict(5)
-    wrong_keys["fc3.weight"] = wrong_keys.pop("fc2.weight")
-    nan = make_state_dict(5)
-    nan["fc1.weight"][0, 0] = float("nan")
-    return {"wrong-shape": wrong_shape, "wrong-keys": wrong_keys, "nan": nan, "truncated": good[: len(good) // 3],
-            "random": os.urandom(2048)}
-
-
 def test_bad_files_are_rejected_while_the_old_version_keeps_answering(start_server, tmp_path: Path) -> None:
     weights = tmp_path / "model.pth"
     good_state = make_state_dict(7)
     save_weights(weights, good_state)
     good_version = version_of(weights)
-    server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), **FAST_RELOAD})
+    server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_MAX_WEIGHTS_BYTES": "4096",
+                               **FAST_RELOAD})
     seen_at = 0.0
-    for name, bad in _corruptions(weights.read_bytes()).items():
-        tmp = tmp_path / f".{name}.tmp"
-        if isinstance(bad, dict):
-            torch.save(bad, tmp)
-        else:
-            tmp.write_bytes(bad)
-        os.replace(tmp, weights)
+    marker = tmp_path / "code-ran"
+    for name in HOSTILE_KINDS:
+        write_hostile(name, weights, marker)
+        if name in NOT_CANDIDATES:  # nothing to load: the old model simply stays
+            time.sleep(1.0)
+            assert_serves(server.url, good_state)
+            save_weights(weights, good_state)
+            time.sleep(0.3)
+            continue
         deadline = time.monotonic() + 10
         status = {}
         while time.monotonic() < deadline:  # wait until the worker has looked at THIS file and said no
             status = httpx.get(server.url + "/v1/models/simplenn", timeout=5).json()
             last = status["workers"][0]["last_reload"]
-            if last and last["result"] == "failed" and last["at"] > seen_at and str(weights.resolve()) in last["error"]:
+            if last and last["result"] == "failed" and last["at"] > seen_at and str(weights) in last["error"]:
                 seen_at = last["at"]
                 break
             time.sleep(0.05)
@@ -128,8 +120,10 @@ def test_bad_files_are_rejected_while_the_old_version_keeps_answering(start_serv
         os.unlink(weights)
         save_weights(weights, good_state)  # same bytes again before the next corruption
         time.sleep(0.3)
+    assert not marker.exists()
     metrics = httpx.get(server.url + "/metrics", timeout=5).text
-    assert 'simplenn_reloads_total{reason="unreadable",result="failed"}' in metrics
+    for reason in ("unreadable", "mismatch", "not_finite", "too_large"):
+        assert f'simplenn_reloads_total{{reason="{reason}",result="failed"}}' in metrics
 
 
 def test_half_written_file_is_never_served(start_server, tmp_path: Path) -> None:

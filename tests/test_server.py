@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHIPPED_WEIGHTS, assert_matches, make_state_dict, reference_outputs, save_weights
+from tests.conftest import HOSTILE_KINDS, ROOT, SHIPPED_WEIGHTS, assert_matches, reference_outputs, write_hostile
 
 
 def _tree(pid: int) -> set[int]:
@@ -58,26 +58,25 @@ def test_openapi_describes_predict(client: httpx.Client) -> None:
     assert set(body["properties"]) == {"input", "inputs"}
 
 
-@pytest.mark.parametrize(
-    ("corrupt", "words"),
-    [
-        (lambda s: s.__setitem__("fc1.weight", __import__("torch").zeros(5, 9)), ["fc1.weight", "[5, 9]", "[5, 10]"]),
-        (lambda s: s.__setitem__("extra.bias", s["fc2.bias"]), ["unexpected keys", "extra.bias"]),
-        (lambda s: s["fc1.bias"].__setitem__(0, float("nan")), ["fc1.bias", "NaN"]),
-    ],
-    ids=["wrong-shape", "wrong-keys", "nan"],
-)
-def test_bad_weights_stop_startup_with_one_clear_line(start_server, tmp_path: Path, corrupt, words) -> None:
-    state = make_state_dict(1)
-    corrupt(state)
-    path = save_weights(tmp_path / "bad.pth", state)
-    server = start_server(env={"SIMPLENN_WEIGHTS": str(path)}, ready=False)
+STARTUP_WORDS = {
+    "zero-bytes": "empty", "random-bytes": "cannot be read", "truncated": "cannot be read",
+    "runs-code": "cannot be read", "wrong-keys": "missing keys ['fc2.weight']", "wrong-dtype": "dtype torch.int64",
+    "wrong-shape": "key 'fc2.weight' has shape [2, 5], SimpleNN expects [1, 5]", "nan": "NaN", "inf": "infinite",
+    "too-large": "over the limit of 4096", "symlink-loop": "symlink loop",
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+def test_hostile_weights_stop_startup_with_one_clear_line(start_server, tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "code-ran"
+    path = write_hostile(kind, tmp_path / "bad.pth", marker)
+    server = start_server(env={"SIMPLENN_WEIGHTS": str(path), "SIMPLENN_MAX_WEIGHTS_BYTES": "4096"}, ready=False)
     assert server.wait_exit(60) == 1
     lines = [line for line in server.log().splitlines() if line.startswith("simplenn-serve: cannot start")]
     assert len(lines) == 1, server.log()
-    for word in [str(path), *words]:
-        assert word in lines[0]
+    assert str(path) in lines[0] and STARTUP_WORDS[kind] in lines[0], lines[0]
     assert "Traceback" not in server.log()
+    assert not marker.exists()
 
 
 def test_bad_setting_exits_2_naming_it() -> None:
