@@ -90,7 +90,7 @@ def write_hostile(kind: str, path: Path, marker: Path) -> Path:
     state = make_state_dict(5)
     tmp = path.with_name(f".{path.name}.{kind}.tmp")
     if kind == "symlink-loop":
-        tmp.symlink_to(tmp.name)
+        tmp.symlink_to(path.name)  # after the rename it points at itself
         os.replace(tmp, path)
         return path
     content: bytes | dict | None = None
