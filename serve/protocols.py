@@ -13,6 +13,8 @@ FastAPI's layers would only add cost) and document themselves in ``/openapi.json
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 import serve
-from serve.errors import BadInput, ModelNotFound, PayloadTooLarge, UnsupportedMediaType, response_for
+from serve.errors import BadInput, InvalidInput, ModelNotFound, PayloadTooLarge, UnsupportedMediaType, response_for
 from serve.schemas import (ErrorResponse, PredictManyResponse, PredictOneResponse, RowSchema, V1PredictResponse,
                            V2InferRequest, V2InferResponse, parse)
 from serve.transport import Prediction, Transport
@@ -58,9 +60,13 @@ class ServingContext:
         if version is not None and version not in self.status()["versions"]:
             raise ModelNotFound(f"version {version!r} of {name!r} is not live (live: {self.status()['versions']})")
 
-    async def infer(self, values: np.ndarray) -> Prediction:
-        """Send rows down the shared batching path. Draining servers still answer (that is the drain)."""
-        return await self.transport.infer(values)
+    async def infer(self, values: np.ndarray, invalid: type[InvalidInput] = InvalidInput) -> Prediction:
+        """Send rows down the shared batching path. Draining servers still answer (that is the drain).
+        Rows the model cannot answer finitely are the client's (``invalid``: 422 native, 400 V1/V2)."""
+        try:
+            return await self.transport.infer(values)
+        except InvalidInput as exc:
+            raise invalid(exc.message) from None
 
 
 def _is_json(content_type: str) -> bool:
@@ -138,7 +144,7 @@ class V1Protocol:
     async def predict(self, request: Request) -> Response:
         self.context.check_model(request.path_params["name"])
         rows = self.context.schema.decode_v1(await read_body(request, self.context.max_body_bytes))
-        prediction = await self.context.infer(rows.values)
+        prediction = await self.context.infer(rows.values, BadInput)
         return json_response({"predictions": _column(prediction.outputs)}, prediction.version)
 
     def register(self, app: FastAPI) -> None:
@@ -194,7 +200,7 @@ class V2Protocol:
             json_part, binary = body[: int(header_length)], body[int(header_length):]
         infer_request: V2InferRequest = parse(V2InferRequest, json_part, BadInput)
         values = self._input_rows(infer_request, binary)
-        prediction = await self.context.infer(values)
+        prediction = await self.context.infer(values, BadInput)
         return self._encode(infer_request, prediction)
 
     def _input_rows(self, infer_request: V2InferRequest, binary: bytes) -> np.ndarray:
@@ -206,7 +212,12 @@ class V2Protocol:
         if dtype is None:
             raise BadInput(f"inputs[0].datatype {tensor.datatype!r} is not supported: use FP32 (FP64, FP16 and "
                            "integer types are converted)")
-        count = int(np.prod(tensor.shape)) if tensor.shape else 0
+        if len(tensor.shape) != 2:
+            raise BadInput(f"inputs[0].shape must be [N, {self.context.schema.in_features}], got {tensor.shape}")
+        count = math.prod(tensor.shape)  # Python ints: no overflow
+        if count > self.context.schema.max_rows * self.context.schema.in_features:
+            raise BadInput(f"inputs[0]: shape {tensor.shape} is larger than {self.context.schema.max_rows} rows "
+                           f"of {self.context.schema.in_features}")
         binary_size = (tensor.parameters or {}).get("binary_data_size")
         if binary_size is not None:
             if tensor.data is not None or not isinstance(binary_size, int) or binary_size != len(binary):
@@ -217,13 +228,14 @@ class V2Protocol:
         else:
             if tensor.data is None:
                 raise BadInput("inputs[0] needs 'data' (or the binary data extension)")
-            values = np.asarray(tensor.data, dtype=np.float64)
+            try:
+                values = np.asarray(tensor.data, dtype=np.float64)
+            except ValueError:  # ragged nested lists
+                raise BadInput("inputs[0].data: nested rows must all have the same length") from None
             if values.size != count:
                 raise BadInput(f"inputs[0]: shape {tensor.shape} needs {count} values, data has {values.size}")
             if np.dtype(dtype).kind in "iu" and not np.all(values == np.round(values)):
                 raise BadInput(f"inputs[0]: {tensor.datatype} data must be whole numbers")
-        if len(tensor.shape) != 2:
-            raise BadInput(f"inputs[0].shape must be [N, {self.context.schema.in_features}], got {tensor.shape}")
         return self.context.schema.check_array(values.reshape(tensor.shape), "inputs[0]", BadInput)
 
     def _encode(self, infer_request: V2InferRequest, prediction: Prediction) -> Response:
@@ -357,6 +369,10 @@ def add_route(app: FastAPI, path: str, endpoint: Callable[[Request], Awaitable[R
               operation: dict[str, Any], method: str = "post") -> None:
     """Declare a protocol route (served by :class:`ProtocolRouter`) and add its OpenAPI ``operation``."""
     app.state.__dict__.setdefault("protocol_routes", []).append(Route(path, endpoint, methods=[method.upper()]))
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in re.findall(r"{(\w+)}", path)]
+    if parameters:
+        operation = {**operation, "parameters": parameters}
     documented: dict = app.state.__dict__.setdefault("extra_openapi_paths", {})
     documented.setdefault(path, {})[method] = operation
     build = type(app).openapi

@@ -133,6 +133,9 @@ class SimpleNNServer(ls.LitServer):
                          workers_per_device=settings.workers, timeout=settings.request_timeout_s,
                          restart_workers=True)
         self.monitor_internal = 0.5  # LitServe's worker liveness check period (seconds)
+        # LitServe's own "/", "/health" (text) and "/info" (configuration) routes: ours replace them.
+        self.app.router.routes[:] = [r for r in self.app.router.routes
+                                     if getattr(r, "path", None) not in ("/", "/health", "/info")]
         # Tiny JSON answers gain nothing from gzip, and it costs every response.
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
         install_error_handlers(self.app)

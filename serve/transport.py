@@ -41,14 +41,14 @@ from litserve.loops.base import LitLoop
 from litserve.transport.base import MessageTransport
 
 from serve import metrics
-from serve.errors import InferenceError, Overloaded, RequestTimeout, WorkerLost
+from serve.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, WorkerLost
 
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<I")
 _REQUEST = struct.Struct("<HQdII")  # consumer id, request id, enqueue time (monotonic), rows, columns
 _REPLY = struct.Struct("<QBII")  # request id, status, rows (or message bytes), columns
-_OK, _FAILED, _EXPIRED = 0, 1, 2
+_OK, _FAILED, _EXPIRED, _NOT_FINITE = 0, 1, 2, 3
 _F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
 
 
@@ -324,6 +324,8 @@ class Transport(MessageTransport):
                 future.set_result(Prediction(payload, version))
             elif status == _EXPIRED:
                 future.set_exception(RequestTimeout(payload))
+            elif status == _NOT_FINITE:
+                future.set_exception(InvalidInput(payload))
             else:
                 future.set_exception(InferenceError(payload))
 
@@ -391,7 +393,9 @@ class BatchingLoop(LitLoop):
             try:
                 outputs, version = lit_api.predict(lit_api.batch([r.values for r in live]))
                 pieces = lit_api.unbatch(outputs, [len(r.values) for r in live])
-                results = [(r.uid, _OK, piece) for r, piece in zip(live, pieces)]
+                results = [(r.uid, _OK, piece) if np.isfinite(piece).all() else
+                           (r.uid, _NOT_FINITE, "the model's output for this input is not a finite number")
+                           for r, piece in zip(live, pieces)]
             except Exception as exc:  # a model fault: every request of the batch gets a 500, the worker lives
                 logger.exception("forward pass failed")
                 results = [(r.uid, _FAILED, f"inference failed: {type(exc).__name__}") for r in live]

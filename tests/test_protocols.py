@@ -67,6 +67,7 @@ BAD_REQUESTS = [
     ("NaN", b'{"input": [0,0,0,0,0,0,0,0,0,NaN]}', "application/json", 422, ["input[9]", "finite"]),
     ("Infinity", b'{"input": [0,0,0,0,0,0,0,0,0,-Infinity]}', "application/json", 422, ["input[9]", "finite"]),
     ("overflow", b'{"input": [0,0,0,0,0,0,0,0,0,1e999]}', "application/json", 422, ["input[9]", "finite"]),
+    ("float32 overflow", b'{"input": [0,0,0,0,0,0,0,0,0,1e39]}', "application/json", 422, ["input", "float32"]),
     ("empty inputs", b'{"inputs": []}', "application/json", 422, ["inputs", "at least 1"]),
     ("both keys", b'{"input": [0,0,0,0,0,0,0,0,0,0], "inputs": [[0,0,0,0,0,0,0,0,0,0]]}', "application/json", 422,
      ["exactly one"]),
@@ -121,3 +122,13 @@ def test_unknown_route_and_method_use_the_error_shape(client: httpx.Client) -> N
     assert missing.status_code == 404 and "error" in missing.json()
     wrong_method = client.get("/predict")
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_an_input_whose_output_is_not_finite_is_refused_and_harms_nobody(client: httpx.Client) -> None:
+    huge = [3e38] * 10
+    assert not np.isfinite(reference_outputs(SHIPPED_WEIGHTS, np.array([huge]))).all()
+    response = client.post("/predict", json={"inputs": [huge, [0.5] * 10]})
+    assert response.status_code == 422 and "not a finite number" in response.json()["error"]
+    v1 = client.post("/v1/models/simplenn:predict", json={"instances": [huge]})
+    assert v1.status_code == 400 and "not a finite number" in v1.json()["error"]
+    assert client.post("/predict", json={"input": [0.5] * 10}).status_code == 200

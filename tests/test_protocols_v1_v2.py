@@ -118,6 +118,9 @@ def _infer_body(**tensor) -> dict:
     (_infer_body(data=[0.0] * 9 + ["a"]), "data"),
     (_infer_body(datatype="INT32", data=[0.5] * 10), "whole numbers"),
     ({"inputs": []}, "inputs"),
+    (_infer_body(data=[[0.0] * 5, [0.0] * 6]), "same length"),
+    (_infer_body(shape=[2**63 - 1, 2**63 - 1], data=[1.0]), "larger than"),
+    (_infer_body(data=[0.0] * 9 + [1e39]), "float32"),
     ({"inputs": [{"name": "input"}]}, "shape"),
     ({**_infer_body(), "outputs": [{"name": "nope"}]}, "nope"),
 ])

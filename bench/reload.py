@@ -1,0 +1,675 @@
+"""Hot-reload measurements against the real server, under a bounded concurrent load.
+
+Starts ``python -m serve`` on a free 127.0.0.1 port with ``SIMPLENN_WEIGHTS`` pointing at a temporary
+copy of the weights (default reload settings unless flags say otherwise), runs ``--clients`` client
+threads sending single-row ``/predict`` requests at a capped total ``--rate``, and measures:
+
+1. **reload time**: from the atomic rename (``os.replace`` of a new state_dict written with
+   ``torch.save``) to the first answer that carries the new ``model_version``, and to the moment
+   after which every answer carries it; p50/p99 over ``--swaps`` swaps (a pause between swaps);
+2. **latency during swaps vs steady state**: p99 of requests sent from each rename until
+   ``--window-after-s`` after its first new-version answer, against p99 of a swap-free
+   ``--steady-s`` period before, as a ratio;
+3. **RSS** of every server process (main, LitServe's manager, inference worker(s), API servers,
+   resource tracker; from /proc) before and after ``--rss-swaps`` back-to-back swaps, with growth;
+4. **errors**: any answer that is not 200, no answer, an unknown version, or an output that differs
+   from the in-process model of the version the answer names. Must be 0.
+
+Prints a table and writes ``bench/results/reload-<UTC time>.json``. The whole run is bounded by
+``--max-seconds`` (the RSS phase stops early, and says so, when it would run past it). Exit status 1
+when there were errors or a swap was never served. ``bench/soak.py`` reuses the helpers here.
+
+    .venv/bin/python bench/reload.py                 # 25 swaps, 500 RSS swaps, about 5 minutes
+    .venv/bin/python bench/reload.py --fast          # 20 swaps, 100 RSS swaps, about 1.5 minutes
+    .venv/bin/python bench/reload.py --workers 2 --clients 16 --rate 800
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # as a script: import models
+
+from models.simple_nn import SimpleNN
+
+HOST = "127.0.0.1"
+RESULTS = ROOT / "bench" / "results"
+SHIPPED_WEIGHTS = ROOT / "weights" / "model.pth"
+FEATURES = 10
+
+
+# -- weights --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Version:
+    """A weights file's version id (first 12 hex digits of its sha256, as the server names it) and
+    the parameters to compute its expected outputs here."""
+
+    version: str
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+
+    @classmethod
+    def of(cls, data: bytes, state: dict[str, torch.Tensor]) -> Version:
+        p = {k: v.detach().numpy().astype(np.float32) for k, v in state.items()}
+        return cls(hashlib.sha256(data).hexdigest()[:12], p["fc1.weight"], p["fc1.bias"], p["fc2.weight"],
+                   p["fc2.bias"])
+
+    def expected(self, row: np.ndarray) -> float:
+        hidden = np.maximum(row @ self.w1.T + self.b1, 0)
+        return float((hidden @ self.w2.T + self.b2)[0])
+
+
+def load_version(path: Path) -> Version:
+    data = path.read_bytes()
+    return Version.of(data, torch.load(path, map_location="cpu", weights_only=True))
+
+
+def publish(path: Path, seed: int) -> tuple[float, Version]:
+    """Write a new SimpleNN state_dict (weights drawn from ``seed``) next to ``path`` with torch.save,
+    then rename it over ``path``. Returns (monotonic time of the rename, its Version)."""
+    torch.manual_seed(seed)
+    state = SimpleNN().state_dict()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden + .tmp: never a candidate itself
+    torch.save(state, tmp)
+    version = Version.of(tmp.read_bytes(), state)
+    renamed = time.monotonic()
+    os.replace(tmp, path)
+    return renamed, version
+
+
+# -- the server and its processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()  # fields from state (3) on
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every live process below it, from the ppid field of /proc/*/stat."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                parents[int(entry)] = int(fields[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = sorted(pid for pid, ppid in parents.items() if ppid == parent and pid not in tree)
+        tree.extend(children)
+        frontier.extend(children)
+    return [pid for pid in tree if pid in parents]
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+class Server:
+    """``python -m serve`` in its own session, logging to a file; ``stop()`` ends the whole tree."""
+
+    def __init__(self, workdir: Path, weights: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = workdir / "server.log"
+        state_dir = workdir / "state"
+        full_env = {**os.environ, "SIMPLENN_HOST": HOST, "SIMPLENN_PORT": str(self.port),
+                    "SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_STATE_DIR": str(state_dir),
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "serve", *(args or [])], cwd=ROOT, env=full_env,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.started = time.monotonic()
+        self._roles: dict[int, str] = {}
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        """Seconds from launch until ``/health/ready`` answers 200; RuntimeError on exit or timeout."""
+        while time.monotonic() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if self.request("GET", "/health/ready", timeout=1)[0] == 200:
+                    return time.monotonic() - self.started
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def processes(self) -> dict[int, str]:
+        """Every live server process, by pid, with a role: main, api, worker-N, manager, resource-tracker."""
+        log_pids: dict[int, str] = {}
+        with contextlib.suppress(OSError):
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if not line.startswith("{"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    msg, pid = str(entry.get("msg", "")), entry.get("pid")
+                    if msg.startswith("Started server process") and pid:
+                        log_pids[int(pid)] = "api"
+                    elif (found := re.match(r"worker (\d+) now serves", msg)) and pid:
+                        log_pids[int(pid)] = f"worker-{found.group(1)}"
+        roles: dict[int, str] = {}
+        for pid in descendants(self.proc.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if pid == self.proc.pid:
+                role = "main"
+            elif pid in log_pids:
+                role = log_pids[pid]
+            elif "resource_tracker" in cmdline:
+                role = "resource-tracker"
+            elif "multiprocessing.spawn" in cmdline:
+                role = "worker"
+            else:
+                role = "manager"  # LitServe's multiprocessing manager (forked, like the API servers)
+            roles[pid] = role
+        # API servers in pid order get numbers: api-1, api-2, ...
+        for number, pid in enumerate(sorted(p for p, r in roles.items() if r == "api"), start=1):
+            roles[pid] = f"api-{number}"
+        return roles
+
+    def snapshot(self) -> dict[str, dict[str, int | None]]:
+        """RSS (KiB) and open file descriptors of every server process, keyed ``role (pid)``."""
+        return {f"{role} ({pid})": {"pid": pid, "rss_kib": rss_kib(pid), "fds": open_fds(pid)}
+                for pid, role in sorted(self.processes().items(), key=lambda item: _role_order(item[1]))}
+
+    def stop(self) -> int | None:
+        """SIGTERM the main process, as docker and Kubernetes do (it drains and stops its children), then
+        SIGKILL the process group and anything that left it."""
+        tree = descendants(self.proc.pid) if self.proc.poll() is None else []
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in tree:  # anything that left the group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def _role_order(role: str) -> tuple[int, str]:
+    order = ["main", "manager", "worker", "api", "resource-tracker"]
+    return next((i for i, prefix in enumerate(order) if role.startswith(prefix)), len(order)), role
+
+
+# -- the load ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    sent: float  # monotonic
+    latency: float  # seconds
+    status: int  # HTTP status, 0 for no answer
+    version: str | None
+    problem: str | None  # why this answer counts as an error, None when it is good
+
+
+class Load:
+    """``clients`` threads, each with one keep-alive connection, sending ``{"input": row}`` to /predict at
+    ``rate / clients`` requests per second each (``rate`` 0: as fast as answers come)."""
+
+    def __init__(self, port: int, clients: int, rate: float, versions: dict[str, Version]) -> None:
+        self.port = port
+        self.clients = clients
+        self.interval = clients / rate if rate > 0 else 0.0
+        self.versions = versions  # every version published so far, by id (read by the threads)
+        self.samples: list[list[Sample]] = [[] for _ in range(clients)]
+        self.first_seen: dict[str, float] = {}  # version -> monotonic time of its first answer
+        self.stop_event = threading.Event()
+        rng = np.random.default_rng(7)
+        self.rows = rng.standard_normal((clients, FEATURES)).astype(np.float32)
+        self.threads = [threading.Thread(target=self._client, args=(i,), name=f"client-{i}", daemon=True)
+                        for i in range(clients)]
+
+    def start(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=35)
+
+    def _client(self, index: int) -> None:
+        row = self.rows[index]
+        body = json.dumps({"input": row.tolist()}).encode()
+        samples = self.samples[index]
+        conn: http.client.HTTPConnection | None = None
+        next_send = time.monotonic()
+        while not self.stop_event.is_set():
+            if self.interval:
+                delay = next_send - time.monotonic()
+                if delay > 0 and self.stop_event.wait(delay):
+                    break
+                next_send = max(next_send + self.interval, time.monotonic() - self.interval)
+            if conn is None:
+                conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
+            sent = time.monotonic()
+            status, version, problem = 0, None, None
+            try:
+                conn.request("POST", "/predict", body=body, headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                payload = response.read()
+                status = response.status
+                if status != 200:
+                    problem = f"HTTP {status}: {payload[:200]!r}"
+                else:
+                    answer = json.loads(payload)
+                    version = answer["model_version"]
+                    known = self.versions.get(version)
+                    if known is None:
+                        problem = f"unknown version {version}"
+                    else:
+                        expected = known.expected(row)
+                        if not abs(answer["output"] - expected) <= 1e-5 + 1e-5 * abs(expected):
+                            problem = f"version {version}: output {answer['output']} != {expected}"
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+                problem = f"no answer: {type(exc).__name__}: {exc}"
+                conn.close()
+                conn = None
+            done = time.monotonic()
+            if version is not None and problem is None:
+                self.first_seen.setdefault(version, done)
+            samples.append(Sample(sent, done - sent, status, version, problem))
+        if conn is not None:
+            conn.close()
+
+    def all_samples(self) -> list[Sample]:
+        return [s for per_client in self.samples for s in list(per_client)]
+
+    def wait_for(self, version: str, timeout: float) -> float | None:
+        """Monotonic time of the first answer carrying ``version``, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.first_seen.get(version)
+            if seen is not None:
+                return seen
+            time.sleep(0.002)
+        return None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def latency_summary(samples: list[Sample]) -> dict[str, Any]:
+    ms = [s.latency * 1000 for s in samples if s.problem is None]
+    return {"requests": len(samples), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
+            "p999_ms": percentile(ms, 99.9), "max_ms": max(ms) if ms else None}
+
+
+def error_summary(samples: list[Sample]) -> dict[str, Any]:
+    problems = [s.problem for s in samples if s.problem is not None]
+    kinds: dict[str, int] = {}
+    for problem in problems:
+        kind = problem.split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"requests": len(samples), "ok": len(samples) - len(problems), "errors": len(problems),
+            "by_kind": kinds, "examples": problems[:5]}
+
+
+# -- the measurement --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Swap:
+    version: str
+    renamed: float
+    first_answer: float | None = None
+    all_answers: float | None = None
+
+    @property
+    def first_s(self) -> float | None:
+        return None if self.first_answer is None else self.first_answer - self.renamed
+
+    @property
+    def all_s(self) -> float | None:
+        return None if self.all_answers is None else self.all_answers - self.renamed
+
+
+def settle_times(swaps: list[Swap], samples: list[Sample], last_end: float) -> None:
+    """For each swap: when the last answer with another version came back (every later one is new),
+    looking until the next swap's rename (``last_end`` for the last swap)."""
+    done = sorted(((s.sent + s.latency, s.version) for s in samples if s.version), key=lambda item: item[0])
+    times = [t for t, _ in done]
+    for index, swap in enumerate(swaps):
+        if swap.first_answer is None:
+            continue
+        end = swaps[index + 1].renamed if index + 1 < len(swaps) else last_end
+        start = int(np.searchsorted(times, swap.renamed))
+        last_old = swap.first_answer
+        for t, version in done[start:]:
+            if t >= end:
+                break
+            if version != swap.version:
+                last_old = max(last_old, t)
+        swap.all_answers = last_old
+
+
+@dataclass
+class Deadline:
+    seconds: float
+    started: float = field(default_factory=time.monotonic)
+
+    def left(self) -> float:
+        return self.seconds - (time.monotonic() - self.started)
+
+
+def rss_table(before: dict[str, dict], after: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for key in list(before) + [k for k in after if k not in before]:
+        b, a = before.get(key, {}).get("rss_kib"), after.get(key, {}).get("rss_kib")
+        rows.append({"process": key, "before_mib": None if b is None else round(b / 1024, 1),
+                     "after_mib": None if a is None else round(a / 1024, 1),
+                     "growth_pct": None if not (a and b) else round(100 * (a - b) / b, 2),
+                     "note": "" if (a and b) else ("gone" if b else "new")})
+    return rows
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    deadline = Deadline(args.max_seconds)
+    workdir = Path(tempfile.mkdtemp(prefix="simplenn-reload-"))
+    weights = workdir / "live" / "model.pth"
+    weights.parent.mkdir()
+    shutil.copyfile(args.weights, weights)
+    env = {"SIMPLENN_LOG_LEVEL": "info", "SIMPLENN_WORKERS": str(args.workers)}
+    if args.poll_interval is not None:
+        env["SIMPLENN_POLL_INTERVAL_S"] = str(args.poll_interval)
+    if args.debounce is not None:
+        env["SIMPLENN_RELOAD_DEBOUNCE_S"] = str(args.debounce)
+    server = Server(workdir, weights, env, args.server_args.split() if args.server_args else None)
+    load: Load | None = None
+    result: dict[str, Any] = {}
+    try:
+        startup = server.wait_ready()
+        time.sleep(0.5)  # all API servers up
+        initial = load_version(weights)
+        versions = {initial.version: initial}
+        load = Load(server.port, args.clients, args.rate, versions).start()
+        time.sleep(args.warmup_s)
+        print(f"server up in {startup:.1f} s (pid {server.proc.pid}); steady state for {args.steady_s:.0f} s ...",
+              flush=True)
+        steady_from = time.monotonic()
+        time.sleep(args.steady_s)
+        steady_to = time.monotonic()
+
+        # 1 + 2: reload time and latency around swaps
+        swaps: list[Swap] = []
+        seed = 1000
+        print(f"{args.swaps} swaps, {args.gap_s:.1f} s apart ...", flush=True)
+        for _ in range(args.swaps):
+            seed += 1
+            renamed, version = publish(weights, seed)
+            versions[version.version] = version
+            swap = Swap(version.version, renamed)
+            swaps.append(swap)
+            swap.first_answer = load.wait_for(version.version, args.swap_timeout_s)
+            if swap.first_answer is None:
+                print(f"  version {version.version} not served after {args.swap_timeout_s:.0f} s", flush=True)
+            time.sleep(args.gap_s)
+
+        # 3: RSS before and after many back-to-back swaps
+        time.sleep(1.0)
+        timed_end = time.monotonic()
+        rss_before = server.snapshot()
+        rss_swaps, rss_unserved, capped = 0, 0, False
+        trend: list[dict[str, Any]] = []
+        rss_started = time.monotonic()
+        print(f"{args.rss_swaps} back-to-back swaps for RSS ...", flush=True)
+        for index in range(args.rss_swaps):
+            if deadline.left() < args.swap_timeout_s + 10:
+                capped = True
+                print(f"  stopping after {index} swaps: --max-seconds {args.max_seconds:.0f} reached", flush=True)
+                break
+            seed += 1
+            renamed, version = publish(weights, seed)
+            versions[version.version] = version
+            if load.wait_for(version.version, args.swap_timeout_s) is None:
+                rss_unserved += 1
+            rss_swaps += 1
+            if rss_swaps % max(1, args.rss_swaps // 5) == 0:
+                total = sum(v["rss_kib"] or 0 for v in server.snapshot().values())
+                trend.append({"swaps": rss_swaps, "total_rss_mib": round(total / 1024, 1),
+                              "seconds": round(time.monotonic() - rss_started, 1)})
+                print(f"  {rss_swaps} swaps, total RSS {total / 1024:.1f} MiB", flush=True)
+        rss_seconds = time.monotonic() - rss_started
+        time.sleep(1.0)
+        rss_after = server.snapshot()
+        load.stop()
+        samples = load.all_samples()
+        alive = server.proc.poll() is None
+    finally:
+        if load is not None:
+            load.stop()
+        code = server.stop()
+    settle_times(swaps, samples, timed_end)
+
+    # Steady state: the swap-free period, plus the quiet part between one swap's window and the next
+    # rename (interleaved, so drift in the machine's other load hits both sides alike).
+    steady = [s for s in samples if steady_from <= s.sent < steady_to]
+    windows: list[Sample] = []
+    for index, swap in enumerate(swaps):
+        end = (swap.first_answer or swap.renamed + args.swap_timeout_s) + args.window_after_s
+        windows.extend(s for s in samples if swap.renamed <= s.sent < end)
+        quiet_to = swaps[index + 1].renamed if index + 1 < len(swaps) else timed_end
+        steady.extend(s for s in samples if end <= s.sent < quiet_to)
+    first = [s.first_s for s in swaps if s.first_s is not None]
+    every = [s.all_s for s in swaps if s.all_s is not None]
+    steady_lat, swap_lat = latency_summary(steady), latency_summary(windows)
+    ratio = (swap_lat["p99_ms"] / steady_lat["p99_ms"]) if steady_lat["p99_ms"] and swap_lat["p99_ms"] else None
+    ratio999 = (swap_lat["p999_ms"] / steady_lat["p999_ms"]) if steady_lat["p999_ms"] and swap_lat["p999_ms"] else None
+    total_before = sum(v["rss_kib"] or 0 for v in rss_before.values())
+    total_after = sum(v["rss_kib"] or 0 for v in rss_after.values())
+    result = {
+        "kind": "reload",
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "server": {"startup_s": round(startup, 2), "alive_at_end": alive, "exit_code": code,
+                   "processes_at_end": rss_after and list(rss_after)},
+        "reload": {
+            "swaps": len(swaps), "served": len(first), "not_served": len(swaps) - len(first),
+            "first_answer_ms": {"p50": _ms(percentile(first, 50)), "p99": _ms(percentile(first, 99)),
+                                "min": _ms(min(first, default=None)), "max": _ms(max(first, default=None))},
+            "every_answer_ms": {"p50": _ms(percentile(every, 50)), "p99": _ms(percentile(every, 99)),
+                                "max": _ms(max(every, default=None))},
+            "per_swap_ms": [_ms(s.first_s) for s in swaps],
+        },
+        "latency": {"steady": steady_lat, "during_swaps": swap_lat, "p99_ratio": _round(ratio, 2),
+                    "p999_ratio": _round(ratio999, 2),
+                    "window": f"from each rename to {args.window_after_s:.1f} s after its first new-version answer",
+                    "steady_is": f"the {args.steady_s:.0f} s before the first swap and the time between windows"},
+        "rss": {"swaps": rss_swaps, "not_served": rss_unserved, "capped_by_max_seconds": capped,
+                "seconds": round(rss_seconds, 1), "per_process": rss_table(rss_before, rss_after),
+                "total_before_mib": round(total_before / 1024, 1), "total_after_mib": round(total_after / 1024, 1),
+                "total_growth_pct": (round(100 * (total_after - total_before) / total_before, 2)
+                                     if total_before else None),
+                "trend": trend, "before": rss_before, "after": rss_after},
+        "requests": error_summary(samples) | {
+            "seconds": round(samples[-1].sent - samples[0].sent, 1) if samples else 0},
+    }
+    result["server_log"] = server.log_path.read_text(errors="replace")  # written next to the JSON, then dropped
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value:,.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def print_report(result: dict[str, Any]) -> None:
+    r, lat, rss, req = result["reload"], result["latency"], result["rss"], result["requests"]
+    s = result["settings"]
+    print()
+    print(f"hot reload: {s['clients']} clients at {s['rate']:.0f} req/s total, {s['workers']} worker(s), "
+          f"{req['requests']:,} requests in {req['seconds']:.0f} s")
+
+    def line(label: str, p50: Any, p99: Any, p999: Any, top: Any, note: str = "") -> None:
+        print(f"{label:44}{_fmt(p50, ' ms'):>11}{_fmt(p99, ' ms'):>11}{_fmt(p999, ' ms'):>11}{_fmt(top, ' ms'):>11}"
+              f"{note}")
+
+    print(f"{'':44}{'p50':>11}{'p99':>11}{'p99.9':>11}{'max':>11}")
+    first, every = r["first_answer_ms"], r["every_answer_ms"]
+    line("rename -> first answer with the new version", first["p50"], first["p99"], None, first["max"],
+         f"   ({r['served']}/{r['swaps']} swaps served)")
+    line("rename -> every answer with the new version", every["p50"], every["p99"], None, every["max"])
+    for label, key in (("request latency, steady", "steady"), ("request latency, around swaps", "during_swaps")):
+        part = lat[key]
+        line(label, part["p50_ms"], part["p99_ms"], part["p999_ms"], part["max_ms"],
+             f"   ({part['requests']:,} requests)")
+    print(f"{'around swaps / steady':44}{'':>11}{_fmt(lat['p99_ratio']):>11}{_fmt(lat['p999_ratio']):>11}")
+    print()
+    capped = " (capped by --max-seconds)" if rss["capped_by_max_seconds"] else ""
+    print(f"RSS before and after {rss['swaps']} back-to-back swaps in {rss['seconds']:.0f} s{capped}:")
+    print(f"  {'process (pid)':28}{'before':>12}{'after':>12}{'growth':>10}")
+    for row in rss["per_process"]:
+        print(f"  {row['process']:28}{_fmt(row['before_mib'], ' MiB'):>12}{_fmt(row['after_mib'], ' MiB'):>12}"
+              f"{_fmt(row['growth_pct'], ' %'):>10} {row['note']}")
+    print(f"  {'total':28}{_fmt(rss['total_before_mib'], ' MiB'):>12}{_fmt(rss['total_after_mib'], ' MiB'):>12}"
+          f"{_fmt(rss['total_growth_pct'], ' %'):>10}")
+    print()
+    print(f"requests: {req['ok']:,} ok, {req['errors']} errors {req['by_kind'] or ''}")
+    for example in req["examples"]:
+        print(f"  e.g. {example}")
+
+
+def write_json(result: dict[str, Any], out_dir: Path, prefix: str) -> Path:
+    """``<prefix>-<UTC time>.json``, and the server's log beside it as ``.log`` (from ``result["server_log"]``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{prefix}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    log = result.pop("server_log", None)
+    if log is not None:
+        path.with_suffix(".log").write_text(log)
+        result["server_log_file"] = path.with_suffix(".log").name
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C does: the ``finally`` blocks stop the server."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--swaps", type=int, default=25, help="swaps timed for reload time and latency (>= 20)")
+    parser.add_argument("--rss-swaps", type=int, default=500, help="back-to-back swaps between the RSS readings")
+    parser.add_argument("--fast", action="store_true", help="quick run: 20 swaps, 100 RSS swaps, 8 s steady state")
+    parser.add_argument("--clients", type=int, default=8, help="client threads (one keep-alive connection each)")
+    parser.add_argument("--rate", type=float, default=400, help="total requests per second cap (0: closed loop)")
+    parser.add_argument("--workers", type=int, default=1, help="SIMPLENN_WORKERS")
+    parser.add_argument("--poll-interval", type=float, default=None, help="SIMPLENN_POLL_INTERVAL_S (server default)")
+    parser.add_argument("--debounce", type=float, default=None, help="SIMPLENN_RELOAD_DEBOUNCE_S (server default)")
+    parser.add_argument("--server-args", default="", help="extra CLI flags for python -m serve")
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS, help="initial weights (copied)")
+    parser.add_argument("--warmup-s", type=float, default=2.0, help="load before measuring")
+    parser.add_argument("--steady-s", type=float, default=15.0, help="swap-free period for the steady-state p99")
+    parser.add_argument("--gap-s", type=float, default=1.0, help="pause after each timed swap is served")
+    parser.add_argument("--window-after-s", type=float, default=0.5,
+                        help="a swap's latency window ends this long after its first new-version answer")
+    parser.add_argument("--swap-timeout-s", type=float, default=15.0, help="give up waiting for a version after")
+    parser.add_argument("--max-seconds", "--duration", type=float, default=290.0,
+                        help="cap on the whole run (the RSS phase stops early)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
+    args = parser.parse_args(argv)
+    if args.fast:
+        args.swaps, args.rss_swaps, args.steady_s = min(args.swaps, 20), min(args.rss_swaps, 100), 8.0
+    torch.set_num_threads(1)
+    with sigterm_as_interrupt():
+        result = measure(args)
+    print_report(result)
+    path = write_json(result, args.out, "reload")
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    failed = result["requests"]["errors"] or result["reload"]["not_served"] or result["rss"]["not_served"]
+    return 1 if failed or not result["server"]["alive_at_end"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
