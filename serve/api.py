@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import litserve as ls
 from litserve.specs.base import LitSpec
@@ -116,9 +115,3 @@ class ServingAPI(ls.LitAPI):
         if len(sizes) == 1:
             return [outputs]
         return np.split(outputs, np.cumsum(sizes)[:-1])
-
-    def decode_request(self, request: Any, **kwargs: Any) -> Any:  # validation happens in the API server
-        return request
-
-    def encode_response(self, output: Any, **kwargs: Any) -> Any:  # encoding happens in the API server
-        return output

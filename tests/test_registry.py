@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -224,3 +225,42 @@ def test_status_route_names_the_live_version_and_404s_other_models(client: httpx
     assert status["workers"][0]["version"] == status["version"]
     missing = client.get("/v1/models/other")
     assert missing.status_code == 404 and "other" in missing.json()["error"]
+
+
+def _last_reload(url: str) -> dict | None:
+    return httpx.get(url + "/v1/models/simplenn", timeout=5).json()["workers"][0]["last_reload"]
+
+
+def _wait_for_failure_after(url: str, after: float, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = _last_reload(url)
+        if last and last["result"] == "failed" and last["at"] > after:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"no new failed reload after {after}: {_last_reload(url)}")
+
+
+def test_sighup_rescans_and_gives_a_known_bad_file_one_more_try(start_server, tmp_path: Path) -> None:
+    weights = tmp_path / "model.pth"
+    save_weights(weights, make_state_dict(51))
+    server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), **FAST_RELOAD})
+    write_hostile("wrong-shape", weights, tmp_path / "marker")
+    first = _wait_for_failure_after(server.url, 0.0)
+    time.sleep(1.0)
+    assert _last_reload(server.url)["at"] == first["at"]  # the same bad file is not retried in a loop
+    server.proc.send_signal(signal.SIGHUP)
+    second = _wait_for_failure_after(server.url, first["at"])
+    assert "shape" in second["error"]
+    assert_serves(server.url, make_state_dict(51))
+
+
+def test_a_file_deleted_right_after_it_appears_is_never_served(start_server, tmp_path: Path) -> None:
+    weights = tmp_path / "model.pth"
+    save_weights(weights, make_state_dict(61))
+    server = start_server(env={"SIMPLENN_WEIGHTS": str(tmp_path), **FAST_RELOAD})
+    for seed in range(62, 67):  # a newer file appears and vanishes before it has settled
+        newer = save_weights(tmp_path / f"model-{seed}.pth", make_state_dict(seed))
+        os.unlink(newer)
+        time.sleep(0.2)
+    assert_serves(server.url, make_state_dict(61), weights)
