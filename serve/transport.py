@@ -33,7 +33,6 @@ import struct
 import termios
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import torch
 
 from tests.conftest import HOSTILE_KINDS, NOT_CANDIDATES, assert_matches, make_state_dict, reference_outputs, save_weights, write_hostile
