@@ -551,3 +551,36 @@ def test_docker_stop_drains_in_flight_requests_and_exits_zero(
     assert state["Running"] is False and state["OOMKilled"] is False
     assert state["ExitCode"] == 0, f"exit code {state['ExitCode']} (137: killed at the end of the grace period)"
     assert stopped["seconds"] < grace_s - 5, stopped
+
+
+def test_unreadable_weights_as_the_non_root_user(docker: Docker, run_container, weights_dir: Path) -> None:
+    """Root reads everything, so "no read permission" is tested here, where the server runs as uid 10001."""
+    good = _state(3)
+    version = _save(good, weights_dir / "model.pth")
+    container = run_container(weights_dir)
+    container.wait_ready()
+    row = [0.5] * 10
+
+    # During a reload: an unreadable file is rejected and the old version keeps answering.
+    blocked = weights_dir / ".blocked.tmp"
+    torch.save(_state(4), blocked)
+    blocked.chmod(0o000)
+    os.replace(blocked, weights_dir / "model.pth")
+    deadline = time.monotonic() + 15
+    while True:
+        last = httpx.get(container.url + "/v1/models/simplenn", timeout=10).json()["workers"][0]["last_reload"]
+        if last["result"] == "failed":
+            break
+        assert time.monotonic() < deadline, f"no failed reload:\n{container.logs()}"
+        time.sleep(0.2)
+    assert "Permission denied" in last["error"]
+    assert container.predict(row)["model_version"] == version
+
+    # At startup: the same file stops the server with one clear line and a non-zero exit.
+    starting = run_container(weights_dir)
+    deadline = time.monotonic() + 120
+    while docker.inspect(starting.name)["State"]["Running"]:
+        assert time.monotonic() < deadline, starting.logs()
+        time.sleep(0.25)
+    assert docker.inspect(starting.name)["State"]["ExitCode"] == 1
+    assert "cannot start" in starting.logs() and "Permission denied" in starting.logs()
