@@ -43,7 +43,8 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litserve"):
+    logging.captureWarnings(True)  # Python warnings become JSON lines too
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litserve", "py.warnings"):
         child = logging.getLogger(name)
         child.handlers[:] = []
         child.propagate = True

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
+import litserve.server as litserve_server
 from litserve.specs.base import LitSpec
 from fastapi import FastAPI
 from litserve.utils import WorkerSetupStatus
@@ -266,6 +267,8 @@ class SimpleNNServer(ls.LitServer):
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT, then drain and stop every child process."""
         supervise_forked_children()
+        # LitServer.run() installs LitServe's plain-text log handler; keep every line JSON instead.
+        litserve_server.configure_logging = lambda *_, **__: configure_logging(self.settings.log_level)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, lambda *_: self.control.request_rescan())
