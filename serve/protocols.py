@@ -57,8 +57,10 @@ class ServingContext:
         """404 for another model name, or for a version other than the live one."""
         if name != self.model_name:
             raise ModelNotFound(f"model {name!r} is not served here (serving {self.model_name!r})")
-        if version is not None and version not in self.status()["versions"]:
-            raise ModelNotFound(f"version {version!r} of {name!r} is not live (live: {self.status()['versions']})")
+        if version is not None:
+            live = self.status()["versions"]
+            if version not in live:
+                raise ModelNotFound(f"version {version!r} of {name!r} is not live (live: {live})")
 
     async def infer(self, values: np.ndarray, invalid: type[InvalidInput] = InvalidInput) -> Prediction:
         """Send rows down the shared batching path. Draining servers still answer (that is the drain).

@@ -110,11 +110,18 @@ class _Pipe:
         buf = fcntl.ioctl(self.reader.fileno(), termios.FIONREAD, b"\0\0\0\0")
         return struct.unpack("i", buf)[0]
 
-    def write_frame(self, body: bytes) -> None:
-        """Write one whole frame (other writers wait for it)."""
-        frame = _LENGTH.pack(len(body)) + body
+    def write_frames(self, frames: bytes) -> None:
+        """Write whole frames at once (other writers wait for them)."""
         with self.write_lock:
-            _write_all(self.writer.fileno(), frame)
+            _write_all(self.writer.fileno(), frames)
+
+    def write_frame(self, body: bytes) -> None:
+        """Write one frame."""
+        self.write_frames(_frame(body))
+
+
+def _frame(body: bytes) -> bytes:
+    return _LENGTH.pack(len(body)) + body
 
 
 class RequestQueue(_Pipe):
@@ -124,9 +131,11 @@ class RequestQueue(_Pipe):
         super().__init__(ctx, max_bytes)
         self.read_lock = ctx.Lock()
         self._carry: Request | None = None
+        self._outbox: list[bytes] = []  # frames waiting for this event-loop turn's single write
+        self._outbox_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_outbox"}
+        return {**self.__dict__, "_outbox": [], "_outbox_bytes": 0}
 
     # -- API server side -------------------------------------------------------------------------
     def put(self, consumer: int, uid: int, values: np.ndarray) -> None:
@@ -135,20 +144,18 @@ class RequestQueue(_Pipe):
         Frames queued during one event-loop iteration go out in one write (one worker wake-up).
         """
         rows, cols = values.shape
-        frame = _LENGTH.pack(_REQUEST.size + values.nbytes) + _REQUEST.pack(
-            consumer, uid, time.monotonic(), rows, cols) + values.tobytes()
-        outbox = self.__dict__.setdefault("_outbox", [])
-        queued = self.pending_bytes() + sum(map(len, outbox))
+        frame = _frame(_REQUEST.pack(consumer, uid, time.monotonic(), rows, cols) + values.tobytes())
+        queued = self.pending_bytes() + self._outbox_bytes
         if queued and queued + len(frame) > self.capacity:
             raise Overloaded("the request queue is full; retry shortly")
-        outbox.append(frame)
-        if len(outbox) == 1:
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        if len(self._outbox) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        outbox = self.__dict__.pop("_outbox", [])
-        with self.write_lock:
-            _write_all(self.writer.fileno(), b"".join(outbox))
+        frames, self._outbox, self._outbox_bytes = self._outbox, [], 0
+        self.write_frames(b"".join(frames))
 
     # -- worker side -----------------------------------------------------------------------------
     def _read_frame_nowait(self) -> Request | None:
