@@ -2,7 +2,12 @@
 PY ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/pip
-INSTALL = $(PIP) install --quiet --disable-pip-version-check -c requirements/cpu.txt
+# CPU torch: requirements/cpu.txt pins torch==X+cpu. PyPI has no +cpu builds, so where pip's own sources
+# (pip.conf, PIP_* variables, a local wheel folder) lack that wheel, the probe adds PyTorch's CPU index if it
+# answers within a few seconds (requirements/README.md). Computed when the install recipe runs, after the venv.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX = $(shell $(PY) requirements/torch_index.py $(PIP) $(TORCH_CPU_INDEX))
+INSTALL = $(strip $(PIP) install --quiet --disable-pip-version-check -c requirements/cpu.txt $(TORCH_INDEX))
 
 .PHONY: serve test install install-test bench
 
@@ -21,7 +26,7 @@ serve: install   ## start the server on the shipped weights (http://127.0.0.1:80
 	$(VENV)/bin/simplenn-serve
 
 test: install-test   ## run every test
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 bench: install-test   ## the side-by-side benchmark (not part of the tests)
 	$(VENV)/bin/python bench/run.py

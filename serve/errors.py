@@ -78,6 +78,12 @@ class NotReady(ServeError):
     headers = {"Retry-After": "1"}
 
 
+class NotLive(ServeError):
+    """The server has made no progress for too long; the orchestrator should restart it."""
+
+    status_code = 503
+
+
 class Overloaded(ServeError):
     """The request queue is full; the client should retry later."""
 

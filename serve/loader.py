@@ -8,7 +8,6 @@ an optional golden check, and only then hands the module out. Nothing here touch
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from serve.errors import WeightsError
+from serve.versions import version_of
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +92,6 @@ def resolve_device(setting: str, assigned: str | None = None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"SIMPLENN_DEVICE={setting} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
-
-
-def version_of(data: bytes) -> tuple[str, str]:
-    """(version id, sha256 hex) of a weights file's bytes: the id is the first 12 hex digits."""
-    digest = hashlib.sha256(data).hexdigest()
-    return digest[:12], digest
 
 
 def read_state_dict(path: Path, data: bytes, device: torch.device) -> dict[str, torch.Tensor]:
@@ -189,24 +183,27 @@ def check_golden(path: Path, module: nn.Module, options: LoadOptions) -> None:
                            "golden")
 
 
-def load_model(path: Path, options: LoadOptions, expected_sha256: str | None = None) -> LoadedModel:
+def load_model(path: Path, options: LoadOptions, expected_sha256: str | None = None,
+               origin: Path | None = None) -> LoadedModel:
     """Build the architecture and load ``path`` into it, verifying everything before returning.
 
+    ``origin`` is the file the bytes came from (``path`` may be its pinned snapshot): errors name it.
     Raises ``WeightsError`` (with ``reason``) for any file that must not be served.
     """
+    shown = origin or path
     try:
         size = path.stat().st_size
         if size > options.max_bytes:
-            raise WeightsError(path, f"is {size} bytes, over the limit of {options.max_bytes}", "too_large")
+            raise WeightsError(shown, f"is {size} bytes, over the limit of {options.max_bytes}", "too_large")
         data = path.read_bytes()
     except OSError as exc:
-        raise WeightsError(path, f"cannot be read: {exc.strerror or exc}", "unreadable") from None
+        raise WeightsError(shown, f"cannot be read: {exc.strerror or exc}", "unreadable") from None
     version, digest = version_of(data)
     if expected_sha256 and expected_sha256.lower() != digest:
-        raise WeightsError(path, f"sha256 {digest} does not match its sidecar ({expected_sha256})", "digest")
-    state = read_state_dict(path, data, options.device)
+        raise WeightsError(shown, f"sha256 {digest} does not match its sidecar ({expected_sha256})", "digest")
+    state = read_state_dict(shown, data, options.device)
     module = import_model_class(options.model_class)()
-    check_state_dict(path, state, module)
+    check_state_dict(shown, state, module)
     module.load_state_dict(state, strict=True)
     module = module.to(options.device).eval()
     for parameter in module.parameters():
@@ -214,11 +211,11 @@ def load_model(path: Path, options: LoadOptions, expected_sha256: str | None = N
     probe = torch.randn(_PROBE_ROWS, input_features(type(module)), generator=torch.Generator().manual_seed(0))
     probe = probe.to(options.device)
     if options.compile == "torchscript":
-        module = script_module(path, module, probe)
+        module = script_module(shown, module, probe)
     with torch.inference_mode():
         warm = module(probe)
     if warm.shape[0] != _PROBE_ROWS or not bool(torch.isfinite(warm).all()):
-        raise WeightsError(path, f"warm-up gave shape {list(warm.shape)} or non-finite outputs", "warmup")
+        raise WeightsError(shown, f"warm-up gave shape {list(warm.shape)} or non-finite outputs", "warmup")
     if options.golden is not None:
-        check_golden(path, module, options)
-    return LoadedModel(module=module, version=version, path=path, sha256=digest, device=options.device)
+        check_golden(shown, module, options)
+    return LoadedModel(module=module, version=version, path=shown, sha256=digest, device=options.device)

@@ -1,192 +1,82 @@
-"""The registry holds the live model of one inference worker and swaps it (TF Serving's "manager").
+"""The models one inference worker holds, and the commands that change them (TF Serving's servable
+handles, on the worker's side of the manager).
 
-Readers take ``registry.current`` once per batch: one attribute read, so a batch never mixes versions,
-and a batch in flight finishes on the model it started with while the next batch sees the new one.
-A watcher thread follows the weights source, verifies each new candidate with the loader, and swaps
-only a model that passed every check; a rejected file is remembered by fingerprint and not retried
-until it changes. The previous good model is kept for rollback. Each worker writes its status to a
-small JSON file that the API servers read.
+The worker serves ``current``; ``previous`` is kept for an instant rollback and ``staged`` holds a
+version that was loaded and verified but is not served yet. Batches read ``registry.current`` once
+(one attribute read), so a batch never mixes versions and a swap happens between batches. The
+worker never decides what to serve: the supervisor's manager says ``load`` or ``serve`` over the
+control channel (:func:`follow_commands`), and the worker answers ``loaded``, ``serving`` or ``rejected``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import threading
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from serve import metrics
+from serve.control import ControlClient
 from serve.errors import WeightsError
 from serve.loader import LoadedModel, LoadOptions, load_model
-from serve.source import Candidate, WeightsSource
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ReloadOutcome:
-    """The last reload attempt of a worker, as shown in the status routes."""
-
-    at: float
-    result: str  # "ok" | "failed" | "rollback"
-    version: str | None = None
-    error: str | None = None
-    reason: str | None = None
-
-
 class ModelRegistry:
-    """Live and previous model of one worker, plus the thread that keeps the live one current."""
+    """Served, previous and staged model of one worker."""
 
-    def __init__(self, options: LoadOptions, source: WeightsSource, worker_id: int,
-                 status_dir: Path | None = None) -> None:
+    def __init__(self, options: LoadOptions, worker_id: int) -> None:
         self.options = options
-        self.source = source
         self.worker_id = worker_id
-        self.status_dir = status_dir
         self.current: LoadedModel | None = None
         self.previous: LoadedModel | None = None
-        self.last_reload: ReloadOutcome | None = None
-        self._serving: Candidate | None = None
-        self._seen: list[Candidate] = []
-        self._rejected: dict[tuple, WeightsError] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.staged: LoadedModel | None = None
 
-    # -- loading -------------------------------------------------------------------------------
-    def load_initial(self) -> LoadedModel:
-        """Serve the best valid candidate now; raises the best candidate's ``WeightsError`` if none is valid."""
-        candidates = self.source.candidates()
-        self._seen = candidates
-        if not self._try_candidates(candidates, initial=True):
-            raise self._rejected[candidates[0].fingerprint]
-        assert self.current is not None
-        return self.current
+    def _held(self, sha256: str) -> LoadedModel | None:
+        for model in (self.current, self.previous, self.staged):
+            if model is not None and model.sha256 == sha256:
+                return model
+        return None
 
-    def _try_candidates(self, candidates: list[Candidate], initial: bool = False) -> bool:
-        """Load the best candidate that is not known bad; swap it in. True if something valid is served."""
-        for candidate in candidates:
-            if self._serving is not None and candidate.fingerprint == self._serving.fingerprint:
-                return True  # already serving the best valid candidate
-            if candidate.fingerprint in self._rejected:
-                continue
-            started = time.monotonic()
-            try:
-                loaded = load_model(candidate.path, self.options, candidate.expected_sha256)
-            except WeightsError as exc:
-                self._rejected[candidate.fingerprint] = exc
-                self._record(ReloadOutcome(time.time(), "failed", None, exc.message, exc.reason))
-                metrics.RELOADS.labels(result="failed", reason=exc.reason).inc()
-                logger.warning("worker %d rejected %s: %s", self.worker_id, candidate.path, exc.message)
-                continue
-            if self.current is not None and loaded.sha256 == self.current.sha256:
-                self._serving = candidate  # same bytes under a new name or inode: nothing to swap
-                return True
-            self._swap(loaded, candidate)
-            metrics.RELOAD_SECONDS.observe(time.monotonic() - started)
-            metrics.RELOADS.labels(result="ok", reason="").inc()
-            logger.info("worker %d now serves version %s from %s%s", self.worker_id, loaded.version,
-                        candidate.path, " (startup)" if initial else "")
-            return True
-        return self.current is not None
+    def load(self, command: dict[str, Any]) -> LoadedModel:
+        """Load and verify the commanded version (unless held already) and keep it aside."""
+        model = self._held(command["sha256"])
+        if model is None:
+            model = load_model(Path(command["path"]), self.options, command["sha256"], origin=Path(command["origin"]))
+            self.staged = model
+        return model
 
-    def _swap(self, loaded: LoadedModel, candidate: Candidate | None) -> None:
-        with self._lock:
-            if self.current is not None:
-                self.previous = self.current
-            self.current = loaded  # the swap: batches read this attribute once
-            self._serving = candidate
-        self._record(ReloadOutcome(time.time(), "ok", loaded.version))
-        metrics.set_live_version(loaded.version, self.worker_id)
-
-    def rollback(self) -> bool:
-        """Serve the previous good version again (until the weights change). False if there is none."""
-        with self._lock:
-            if self.previous is None:
-                return False
-            self.current, self.previous = self.previous, self.current
-            version = self.current.version
-        self._record(ReloadOutcome(time.time(), "rollback", version))
-        metrics.set_live_version(version, self.worker_id)
-        logger.info("worker %d rolled back to version %s", self.worker_id, version)
-        return True
-
-    # -- watching ------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the watcher thread (daemon)."""
-        self._thread = threading.Thread(target=self._watch, name=f"weights-watcher-{self.worker_id}", daemon=True)
-        self._thread.start()
-
-    def rescan(self) -> None:
-        """Look at the source now (admin reload, SIGHUP): known-bad files get one more try."""
-        self._rejected.clear()
-        self._serving = None
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Stop the watcher thread and the source."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self.source.close()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                changed = self.source.wait_for_change(self._seen, self._wake)
-                if self._stop.is_set():
-                    return
-                if changed is None:  # woken up: a rescan was asked for
-                    self._wake.clear()
-                    changed = self.source.candidates()
-                self._seen = changed
-                self._try_candidates(changed)
-            except Exception as exc:  # a vanished directory, a race: log, keep serving, keep watching
-                logger.warning("worker %d: weights watcher: %s", self.worker_id, exc)
-                self._stop.wait(self.source.poll_interval)
-
-    # -- status --------------------------------------------------------------------------------
-    def _record(self, outcome: ReloadOutcome) -> None:
-        self.last_reload = outcome
-        if outcome.result == "ok":
-            metrics.LAST_RELOAD.set(outcome.at)
-        self.write_status()
-
-    def status(self) -> dict[str, Any]:
-        """This worker's view: live and previous version, the file, and the last reload."""
-        current, previous = self.current, self.previous
-        return {
-            "worker": self.worker_id,
-            "pid": os.getpid(),
-            "version": current.version if current else None,
-            "path": str(current.path) if current else None,
-            "loaded_at": current.loaded_at if current else None,
-            "previous_version": previous.version if previous else None,
-            "last_reload": asdict(self.last_reload) if self.last_reload else None,
-        }
-
-    def write_status(self) -> None:
-        """Atomically write ``worker-<id>.json`` in the status folder (if there is one)."""
-        if self.status_dir is None:
-            return
-        target = self.status_dir / f"worker-{self.worker_id}.json"
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.status()))
-        os.replace(tmp, target)
+    def serve(self, command: dict[str, Any]) -> LoadedModel:
+        """Serve the commanded version from now on (loading it first if it is not held)."""
+        model = self.load(command)
+        if model is not self.current:
+            self.previous, self.current = self.current, model  # the swap: batches read `current` once
+            if self.staged is model:
+                self.staged = None
+            metrics.set_live_version(model.version, self.worker_id)
+            logger.info("worker %d now serves version %s", self.worker_id, model.version)
+        return model
 
 
-def read_worker_statuses(status_dir: Path) -> list[dict[str, Any]]:
-    """All workers' status files, ordered by worker id (used by the API servers)."""
-    statuses = []
-    for path in sorted(status_dir.glob("worker-*.json")):
-        try:
-            statuses.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+def follow_commands(client: ControlClient, registry: ModelRegistry, until_serving: bool = False) -> None:
+    """Carry out the manager's commands; with ``until_serving``, return once a version is served.
+    Returns when the supervisor is gone (the worker then exits: it dies with the supervisor)."""
+    while True:
+        message = client.receive()
+        if message is None:
             continue
-    return sorted(statuses, key=lambda s: s.get("worker", 0))
+        kind = message.get("t")
+        if kind not in ("load", "serve"):
+            continue
+        try:
+            model = registry.load(message) if kind == "load" else registry.serve(message)
+        except WeightsError as exc:
+            logger.warning("worker %d rejected version %s: %s", registry.worker_id, message["version"], exc.message)
+            client.send({"t": "rejected", "version": message["version"], "error": exc.message, "reason": exc.reason})
+            continue
+        if kind == "load":
+            client.send({"t": "loaded", "version": model.version})
+            continue
+        client.send({"t": "serving", "version": model.version, "loaded_at": model.loaded_at})
+        if until_serving:
+            return

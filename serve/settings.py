@@ -44,10 +44,15 @@ class Settings(BaseSettings):
     max_rows: int = Field(4096, ge=1, le=1_000_000, description="Most rows in one request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
     max_queue_bytes: int = Field(
-        1024 * 1024, ge=64 * 1024, le=1024 * 1024, description="Queued request bytes before 503 Overloaded."
+        1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024,
+        description="Request bytes an API server may have queued for one worker before 503 Overloaded."
     )
     max_weights_bytes: int = Field(1 << 30, ge=1024, description="Largest weights file accepted.")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest wait for an answer (504 beyond).")
+    hang_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A worker holding requests this long without answering is replaced.")
+    worker_start_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Longest a worker may take to load a version; also the liveness margin.")
     workers: int = Field(1, ge=1, le=64, description="Inference worker processes (one model each).")
     api_servers: int = Field(0, ge=0, le=64, description="HTTP server processes; 0 picks one per CPU core, at most 2.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")

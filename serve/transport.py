@@ -1,64 +1,54 @@
-"""How rows travel from the API servers to the inference workers and back, and how workers batch them.
+"""How rows travel from an API server to an inference worker and back (the data plane).
 
-LitServe 0.2.19 moves every request through a ``multiprocessing.Manager`` process: four pickled round
-trips per request, a blocking ``put`` on the event loop, one ``asyncio.to_thread`` hop per answer and
-a worker that busy-polls with 1 ms timeouts (see the README's performance section). This module
-replaces that transport, through LitServe's own slots (the request queue and ``MessageTransport``
-handed to each inference worker, and a custom ``LitLoop``), with:
+Design: **one UNIX stream connection per (API server, worker) pair**, as TorchServe's frontend holds one
+socket per backend worker. Each API server listens on ``<state>/sockets/api-<i>.sock`` (the supervisor
+creates the listening sockets before anything starts and keeps them, so a replaced API server
+inherits its socket and a worker's reconnect waits in the backlog); each worker connects to every
+API server once it serves a model. Why this and not a shared pipe or ``SOCK_SEQPACKET`` socket:
 
-* one **request pipe** shared by all API servers (writers) and all workers (readers). A request is a
-  binary frame: a fixed header and the float32 rows, no pickling. The pipe's size is the queue bound:
-  when it is full the request is refused at once with 503 ``Overloaded`` instead of waiting.
-* one **reply pipe per API server**, read by its event loop with ``add_reader`` (no thread hop). A
-  worker answers all requests of a batch that came from one API server in **one** frame.
-* a **batching loop** in each worker: block for the first request, take whatever else is already
-  queued (up to ``max_batch_size`` rows), optionally linger ``batch_timeout`` for more, run one
-  forward pass, answer. Under load batches grow by themselves; at one client there is no added wait.
+* nothing is shared by several writers or readers, so there is no cross-process lock for a dead
+  process to keep and no stream whose framing a crash can tear for anyone but its own peer;
+* the API server chooses the worker, so every request is owned by exactly one worker: when a worker
+  dies its connections close and exactly its requests fail, at once, with 503 ``WorkerLost``;
+* a worker that holds requests for ``SIMPLENN_HANG_TIMEOUT_S`` without answering any is killed
+  (SIGKILL to the pid the kernel reports for the connection): its EOF then fails its requests.
 
-Frames are ``<u32 length><body>``; writers hold a per-pipe lock for the whole frame, readers of the
-shared request pipe hold a read lock per frame, so frames never interleave.
+What stays fast: requests are binary float32 frames (no pickling), frames queued during one event-loop
+turn leave in one write per worker, a worker answers every request of a batch from one API server in
+one frame, nobody busy-waits, and batches grow by themselves under load (workers take whatever has
+arrived). A request goes to the connected worker with the fewest rows in flight; with none connected
+it waits (up to the request timeout) for one to connect. The queue bound is per API server and worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import itertools
 import logging
-import multiprocessing as mp
 import os
-import select
+import signal
+import socket
 import struct
-import termios
 import time
+from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from litserve.loops.base import LitLoop
+import orjson
 from litserve.transport.base import MessageTransport
 
 from serve import metrics
+from serve.channel import ChannelClosed, Connection, accept, frame, listen
 from serve.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, WorkerLost
 
 logger = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("<I")
-_REQUEST = struct.Struct("<HQdII")  # consumer id, request id, enqueue time (monotonic), rows, columns
-_REPLY = struct.Struct("<QBII")  # request id, status, rows (or message bytes), columns
-_OK, _FAILED, _EXPIRED, _NOT_FINITE = 0, 1, 2, 3
-_F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
-
-
-@dataclass(frozen=True)
-class Request:
-    """One queued request as a worker sees it."""
-
-    consumer: int
-    uid: int
-    enqueued: float
-    values: np.ndarray
+REQUEST = struct.Struct("<QdII")  # request id, enqueue time (CLOCK_MONOTONIC, shared by processes), rows, columns
+REPLY = struct.Struct("<QBII")  # request id, status, rows (or message bytes), columns
+OK, FAILED, EXPIRED, NOT_FINITE = 0, 1, 2, 3
+_ERRORS = {FAILED: InferenceError, EXPIRED: RequestTimeout, NOT_FINITE: InvalidInput}
 
 
 @dataclass(frozen=True)
@@ -69,174 +59,41 @@ class Prediction:
     version: str
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def encode_request(uid: int, enqueued: float, values: np.ndarray) -> bytes:
+    """One request's frame: header and float32 rows."""
+    rows, cols = values.shape
+    return frame(REQUEST.pack(uid, enqueued, rows, cols) + values.tobytes())
 
 
-def _read_exact(fd: int, size: int) -> bytes:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = os.read(fd, remaining)
-        if not chunk:
-            raise EOFError("pipe closed")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+def decode_request(body: bytes) -> tuple[int, float, np.ndarray]:
+    """(request id, enqueue time, rows) of one request frame's body."""
+    uid, enqueued, rows, cols = REQUEST.unpack_from(body)
+    return uid, enqueued, np.frombuffer(body, dtype=np.float32, offset=REQUEST.size).reshape(rows, cols)
 
 
-def _readable(fd: int, timeout: float) -> bool:
-    return bool(select.select([fd], [], [], max(timeout, 0.0))[0])
-
-
-class _Pipe:
-    """A one-way OS pipe with a cross-process write lock; picklable into spawned workers."""
-
-    def __init__(self, ctx: Any, size: int | None = None) -> None:
-        self.reader, self.writer = ctx.Pipe(duplex=False)  # type: tuple[Connection, Connection]
-        self.write_lock = ctx.Lock()
-        self.capacity = 65536
-        if size:
-            try:
-                fcntl.fcntl(self.writer.fileno(), _F_SETPIPE_SZ, size)
-            except OSError:
-                logger.debug("could not resize pipe to %d bytes", size)
-            self.capacity = fcntl.fcntl(self.writer.fileno(), _F_GETPIPE_SZ)
-
-    def pending_bytes(self) -> int:
-        """Bytes written but not yet read."""
-        buf = fcntl.ioctl(self.reader.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        return struct.unpack("i", buf)[0]
-
-    def write_frames(self, frames: bytes) -> None:
-        """Write whole frames at once (other writers wait for them)."""
-        with self.write_lock:
-            _write_all(self.writer.fileno(), frames)
-
-    def write_frame(self, body: bytes) -> None:
-        """Write one frame."""
-        self.write_frames(_frame(body))
-
-
-def _frame(body: bytes) -> bytes:
-    return _LENGTH.pack(len(body)) + body
-
-
-class RequestQueue(_Pipe):
-    """The shared request pipe: API servers put frames, workers take batches."""
-
-    def __init__(self, ctx: Any, max_bytes: int) -> None:
-        super().__init__(ctx, max_bytes)
-        self.read_lock = ctx.Lock()
-        self._carry: Request | None = None
-        self._outbox: list[bytes] = []  # frames waiting for this event-loop turn's single write
-        self._outbox_bytes = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_outbox": [], "_outbox_bytes": 0}
-
-    # -- API server side -------------------------------------------------------------------------
-    def put(self, consumer: int, uid: int, values: np.ndarray) -> None:
-        """Queue one request's rows (float32, C-contiguous); ``Overloaded`` if the queue is full.
-
-        Frames queued during one event-loop iteration go out in one write (one worker wake-up).
-        """
-        rows, cols = values.shape
-        frame = _frame(_REQUEST.pack(consumer, uid, time.monotonic(), rows, cols) + values.tobytes())
-        queued = self.pending_bytes() + self._outbox_bytes
-        if queued and queued + len(frame) > self.capacity:
-            raise Overloaded("the request queue is full; retry shortly")
-        self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
-        if len(self._outbox) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        frames, self._outbox, self._outbox_bytes = self._outbox, [], 0
-        self.write_frames(b"".join(frames))
-
-    # -- worker side -----------------------------------------------------------------------------
-    def _read_frame_nowait(self) -> Request | None:
-        fd = self.reader.fileno()
-        with self.read_lock:
-            if not _readable(fd, 0):
-                return None
-            (length,) = _LENGTH.unpack(_read_exact(fd, _LENGTH.size))
-            body = _read_exact(fd, length)
-        consumer, uid, enqueued, rows, cols = _REQUEST.unpack_from(body)
-        values = np.frombuffer(body, dtype=np.float32, offset=_REQUEST.size).reshape(rows, cols)
-        return Request(consumer, uid, enqueued, values)
-
-    def _next(self, timeout: float) -> Request | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            request = self._read_frame_nowait()
-            if request is not None:
-                return request
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            _readable(self.reader.fileno(), remaining)
-
-    def take_batch(self, max_rows: int, linger: float, wait: float = 1.0) -> list[Request]:
-        """Block up to ``wait`` for a first request, then take what is queued, up to ``max_rows`` rows.
-
-        With ``linger`` > 0, wait that long after the queue runs dry for more rows. A request that
-        would overflow ``max_rows`` is kept for the next batch (a single oversized request runs alone).
-        """
-        first = self._carry or self._next(wait)
-        self._carry = None
-        if first is None:
-            return []
-        batch, rows = [first], len(first.values)
-        deadline = time.monotonic() + linger
-        while rows < max_rows:
-            request = self._read_frame_nowait()
-            if request is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not _readable(self.reader.fileno(), remaining):
-                    break
-                continue
-            if rows + len(request.values) > max_rows:
-                self._carry = request
-                break
-            batch.append(request)
-            rows += len(request.values)
-        return batch
-
-
-class ReplyChannel(_Pipe):
-    """One API server's reply pipe: workers write batched answers, the API server's event loop reads."""
-
-    def send(self, version: str, answers: list[tuple[int, int, np.ndarray | str]]) -> None:
-        """Send (uid, status, outputs-or-message) records for one batch in one frame."""
-        version_bytes = version.encode()
-        parts = [bytes([len(version_bytes)]), version_bytes]
-        for uid, status, payload in answers:
-            if isinstance(payload, str):
-                message = payload.encode()
-                parts += [_REPLY.pack(uid, status, len(message), 0), message]
-            else:
-                outputs = np.ascontiguousarray(payload, dtype=np.float32)
-                parts += [_REPLY.pack(uid, status, outputs.shape[0], outputs.shape[1]), outputs.tobytes()]
-        try:
-            self.write_frame(b"".join(parts))
-        except OSError as exc:  # the API server is gone (shutdown, crash): nobody waits for this answer
-            if exc.errno != errno.EPIPE:
-                raise
+def encode_replies(version: str, answers: list[tuple[int, int, np.ndarray | str]]) -> bytes:
+    """One batch's (uid, status, outputs-or-message) records for one API server, as one frame."""
+    version_bytes = version.encode()
+    parts = [bytes([len(version_bytes)]), version_bytes]
+    for uid, status, payload in answers:
+        if isinstance(payload, str):
+            message = payload.encode()
+            parts += [REPLY.pack(uid, status, len(message), 0), message]
+        else:
+            outputs = np.ascontiguousarray(payload, dtype=np.float32)
+            parts += [REPLY.pack(uid, status, outputs.shape[0], outputs.shape[1]), outputs.tobytes()]
+    return frame(b"".join(parts))
 
 
 def parse_replies(body: bytes) -> tuple[str, list[tuple[int, int, Any]]]:
-    """Decode one reply frame into (version, [(uid, status, outputs or message)])."""
+    """Decode one reply frame's body into (version, [(uid, status, outputs or message)])."""
     length = body[0]
     version = body[1:1 + length].decode()
     offset, records = 1 + length, []
     while offset < len(body):
-        uid, status, rows, cols = _REPLY.unpack_from(body, offset)
-        offset += _REPLY.size
-        if status == _OK:
+        uid, status, rows, cols = REPLY.unpack_from(body, offset)
+        offset += REPLY.size
+        if status == OK:
             size = rows * cols * 4
             payload: Any = np.frombuffer(body, dtype=np.float32, count=rows * cols, offset=offset).reshape(rows, cols)
         else:
@@ -247,169 +104,256 @@ def parse_replies(body: bytes) -> tuple[str, list[tuple[int, int, Any]]]:
     return version, records
 
 
-class Transport(MessageTransport):
-    """The channels between API servers and workers, in LitServe's transport slot.
+class Layout:
+    """Where the channels live: the control socket and one listening socket per API server."""
 
-    In an API server, LitServe's lifespan task calls :meth:`areceive` with the server's consumer id;
-    that registers the reply pipe with the event loop, after which :meth:`infer` works.
+    def __init__(self, state_dir: Path, api_servers: int) -> None:
+        self.control = state_dir / "control.sock"
+        self.folder = state_dir / "sockets"
+        self.api_servers = api_servers
+        self.listeners: list[socket.socket] = []
+
+    def api_path(self, index: int) -> Path:
+        return self.folder / f"api-{index}.sock"
+
+    def listen(self) -> None:
+        """In the supervisor, before any child starts: the API servers' listening sockets."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.listeners = [listen(self.api_path(i)) for i in range(self.api_servers)]
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers connect by path
+        return {**self.__dict__, "listeners": []}
+
+
+class WorkerLink:
+    """An API server's connection to one worker, with the requests that worker holds."""
+
+    def __init__(self, conn: Connection, worker: int, pid: int) -> None:
+        self.conn, self.worker, self.pid = conn, worker, pid
+        self.pending: dict[int, tuple[asyncio.Future, int, int]] = {}  # uid -> (future, rows, bytes)
+        self.rows = 0
+        self.bytes = 0
+        self.stalled_since = 0.0  # when it last answered or last became busy
+        self.killed = False
+
+    def add(self, uid: int, future: asyncio.Future, rows: int, data: bytes, now: float) -> None:
+        if not self.pending:
+            self.stalled_since = now
+        self.pending[uid] = (future, rows, len(data))
+        self.rows += rows
+        self.bytes += len(data)
+        if len(self.conn.outbox) == 0:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.conn.outbox += data
+
+    def flush(self) -> None:
+        try:
+            if not self.conn.flush():
+                loop = asyncio.get_running_loop()
+                loop.add_writer(self.conn.fileno(), self._writable)
+        except ChannelClosed:
+            pass  # its EOF fails the requests
+
+    def _writable(self) -> None:
+        try:
+            done = self.conn.flush()
+        except ChannelClosed:
+            done = True
+        if done:
+            asyncio.get_running_loop().remove_writer(self.conn.fileno())
+
+    def settle(self, uid: int) -> asyncio.Future | None:
+        entry = self.pending.pop(uid, None)
+        if entry is None:
+            return None
+        self.rows -= entry[1]
+        self.bytes -= entry[2]
+        return entry[0]
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker (a hang); its EOF then fails its requests and the supervisor replaces it."""
+        if not self.killed:
+            self.killed = True
+            logger.error("worker %d (pid %d) %s; killing it", self.worker, self.pid, reason)
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class Transport(MessageTransport):
+    """The API server's side of the data plane, in LitServe's transport slot.
+
+    In API server ``i``, LitServe's lifespan task calls :meth:`areceive` with ``i``; from then on the
+    event loop accepts workers' connections and reads their answers, and :meth:`infer` works.
     """
 
-    def __init__(self, num_consumers: int, max_queue_bytes: int, request_timeout: float) -> None:
-        ctx = mp.get_context("spawn")
-        self.requests = RequestQueue(ctx, max_queue_bytes)
-        self.replies = [ReplyChannel(ctx, 1 << 20) for _ in range(num_consumers)]
+    def __init__(self, layout: Layout, max_queue_bytes: int, request_timeout: float, hang_timeout: float) -> None:
+        self.layout = layout
+        self.max_queue_bytes = max_queue_bytes
         self.request_timeout = request_timeout
-        self.worker_restarts = ctx.Value("i", 0, lock=False)  # bumped by the supervisor on each restart
-        self.consumer: int | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self.hang_timeout = hang_timeout
+        self.links: dict[Connection, WorkerLink] = {}
+        self.parked: deque[tuple[int, asyncio.Future, np.ndarray]] = deque()  # waiting for a worker
+        self.no_worker_since = time.monotonic()
         self._uids = itertools.count(1)
-        self._buffer = bytearray()
-        self._closed: asyncio.Future | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._started = False
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_pending={}, _uids=None, _buffer=bytearray(), _closed=None)
-        return state
+        return {**self.__dict__, "links": {}, "parked": deque(), "_uids": None, "_watchdog": None}
 
-    # -- API server side -------------------------------------------------------------------------
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> None:
-        """Register this API server's reply pipe with the running event loop, then park until closed."""
+        """Start serving as API server ``consumer_id`` (first call), then park: answers arrive by callbacks."""
+        if not self._started:
+            self._started = True
+            index = int(consumer_id or 0)
+            listener = self.layout.listeners[index]
+            for other in self.layout.listeners:
+                if other is not listener:
+                    other.close()
+            self._uids = itertools.count(1)
+            self.no_worker_since = time.monotonic()
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+        await asyncio.Event().wait()
+
+    # -- connections ----------------------------------------------------------------------------
+    def _accept(self, listener: socket.socket) -> None:
+        conn = accept(listener)
+        if conn is not None:
+            asyncio.get_running_loop().add_reader(conn.fileno(), self._readable, conn)
+
+    def _readable(self, conn: Connection) -> None:
+        try:
+            bodies = conn.frames()
+        except ChannelClosed:
+            self._lost(conn)
+            return
+        link = self.links.get(conn)
+        for body in bodies:
+            if link is None:  # the first frame is the worker's hello
+                link = self.links[conn] = WorkerLink(conn, int(orjson.loads(body)["worker"]), conn.peer_pid())
+                self._dispatch_parked()
+            else:
+                self._deliver(link, body)
+
+    def _lost(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
-        self.consumer = int(consumer_id or 0)
-        self._pending, self._uids, self._buffer = {}, itertools.count(1), bytearray()
-        fd = self.replies[self.consumer].reader.fileno()
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, self._on_readable, fd)
-        self._closed = loop.create_future()
-        watcher = loop.create_task(self._fail_pending_on_worker_restart())
-        try:
-            await self._closed
-        finally:
-            watcher.cancel()
-            loop.remove_reader(fd)
-
-    async def _fail_pending_on_worker_restart(self) -> None:
-        """When a worker dies, its requests will never be answered: fail every pending one with 503 at once
-        (predictions are safe to retry) instead of letting them wait for the timeout."""
-        seen = self.worker_restarts.value
-        while True:
-            await asyncio.sleep(0.1)
-            if self.worker_restarts.value != seen:
-                seen = self.worker_restarts.value
-                pending, self._pending = self._pending, {}
-                for future in pending.values():
-                    if not future.done():
-                        future.set_exception(WorkerLost("the inference worker stopped; retry"))
-
-    def _on_readable(self, fd: int) -> None:
-        try:
-            data = os.read(fd, 1 << 20)
-        except BlockingIOError:
+        loop.remove_reader(conn.fileno())
+        loop.remove_writer(conn.fileno())
+        conn.close()
+        link = self.links.pop(conn, None)
+        if link is None:
             return
-        if not data:
-            return
-        buffer = self._buffer
-        buffer += data
-        offset = 0
-        while len(buffer) - offset >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(buffer, offset)
-            if len(buffer) - offset - _LENGTH.size < length:
-                break
-            body = bytes(buffer[offset + _LENGTH.size: offset + _LENGTH.size + length])
-            offset += _LENGTH.size + length
-            self._deliver(body)
-        del buffer[:offset]
+        if not self.links:
+            self.no_worker_since = time.monotonic()
+        if link.pending:
+            logger.error("worker %d (pid %d) is gone; failing its %d requests", link.worker, link.pid,
+                         len(link.pending))
+        for future, _, _ in link.pending.values():
+            if not future.done():
+                future.set_exception(WorkerLost("the inference worker stopped; retry"))
 
-    def _deliver(self, body: bytes) -> None:
+    def _deliver(self, link: WorkerLink, body: bytes) -> None:
+        link.stalled_since = time.monotonic()
         version, records = parse_replies(body)
         for uid, status, payload in records:
-            future = self._pending.pop(uid, None)
+            future = link.settle(uid)
             if future is None or future.done():
                 continue
-            if status == _OK:
+            if status == OK:
                 future.set_result(Prediction(payload, version))
-            elif status == _EXPIRED:
-                future.set_exception(RequestTimeout(payload))
-            elif status == _NOT_FINITE:
-                future.set_exception(InvalidInput(payload))
             else:
-                future.set_exception(InferenceError(payload))
+                future.set_exception(_ERRORS.get(status, InferenceError)(payload))
 
+    # -- requests -------------------------------------------------------------------------------
     async def infer(self, values: np.ndarray) -> Prediction:
-        """Queue validated rows and wait for the worker's answer (or time out with 504)."""
-        if self.consumer is None:
-            raise RuntimeError("transport not started in this process")
+        """Send validated rows to a worker and wait for its answer (503 if it dies, 504 past the timeout)."""
         loop = asyncio.get_running_loop()
-        uid = next(self._uids)
+        uid = next(self._uids)  # type: ignore[arg-type]
         future = loop.create_future()
-        self._pending[uid] = future
         timer = loop.call_later(self.request_timeout, _expire, future,
                                 f"no answer within {self.request_timeout:g} s")
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        link = self._choose()
         try:
-            self.requests.put(self.consumer, uid, np.ascontiguousarray(values, dtype=np.float32))
+            if link is None:
+                if sum(v.nbytes for _, _, v in self.parked) + values.nbytes > self.max_queue_bytes:
+                    raise Overloaded("the request queue is full; retry shortly")
+                self.parked.append((uid, future, values))
+            else:
+                self._send(link, uid, future, values)
             return await future
         finally:
             timer.cancel()
-            self._pending.pop(uid, None)
+            for candidate in self.links.values():
+                if uid in candidate.pending:
+                    candidate.settle(uid)
+            if self.parked:
+                self.parked = deque(entry for entry in self.parked if entry[0] != uid)
+
+    def _choose(self) -> WorkerLink | None:
+        best = None
+        for link in self.links.values():
+            if not link.killed and (best is None or link.rows < best.rows):
+                best = link
+        return best
+
+    def _send(self, link: WorkerLink, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
+        data = encode_request(uid, time.monotonic(), values)
+        if link.bytes and link.bytes + len(data) > self.max_queue_bytes:
+            raise Overloaded("the request queue is full; retry shortly")
+        link.add(uid, future, len(values), data, time.monotonic())
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self.hang_timeout, self._check_hangs)
+
+    def _dispatch_parked(self) -> None:
+        while self.parked:
+            uid, future, values = self.parked.popleft()
+            link = self._choose()
+            if link is None:
+                self.parked.appendleft((uid, future, values))
+                return
+            if not future.done():
+                try:
+                    self._send(link, uid, future, values)
+                except Overloaded as exc:
+                    future.set_exception(exc)
+
+    def _check_hangs(self) -> None:
+        """Kill a worker that has held requests for the hang timeout without answering any."""
+        self._watchdog = None
+        now, next_check = time.monotonic(), None
+        for link in self.links.values():
+            if not link.pending or link.killed:
+                continue
+            due = link.stalled_since + self.hang_timeout
+            if due <= now:
+                link.kill(f"held {len(link.pending)} requests for {self.hang_timeout:g} s without answering")
+            else:
+                next_check = due if next_check is None else min(next_check, due)
+        if next_check is not None:
+            self._watchdog = asyncio.get_running_loop().call_later(next_check - now, self._check_hangs)
+
+    # -- health ---------------------------------------------------------------------------------
+    def can_serve(self) -> bool:
+        """A worker is connected and not being killed for a hang."""
+        return any(not link.killed for link in self.links.values())
+
+    def stalled_for(self) -> float:
+        """How long this API server has been unable to make progress: requests held by workers that do
+        not answer, or no worker at all (0 when it is making progress)."""
+        now = time.monotonic()
+        if not self.links:
+            return now - self.no_worker_since
+        waits = [now - link.stalled_since for link in self.links.values() if link.pending]
+        return max(waits, default=0.0)
 
     def send(self, item: Any, consumer_id: int) -> None:
-        """Unused: workers answer through :class:`ReplyChannel` in batches."""
-        raise NotImplementedError("serve.transport answers through ReplyChannel.send")
-
-    def close(self, **kwargs: Any) -> None:
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+        """Unused: workers answer over their own connections."""
+        raise NotImplementedError("serve.transport answers over per-worker connections")
 
 
 def _expire(future: asyncio.Future, message: str) -> None:
     if not future.done():
         future.set_exception(RequestTimeout(message))
-
-
-class BatchingLoop(LitLoop):
-    """The inference worker's loop: take a batch, one forward pass, answer each API server once."""
-
-    def __call__(self, lit_api: Any, device: str, worker_id: int, request_queue: RequestQueue,
-                 transport: Transport, workers_setup_status: dict, callback_runner: Any) -> None:
-        max_rows = lit_api.max_batch_size
-        linger = lit_api.batch_timeout
-        timeout = transport.request_timeout
-        while True:
-            batch = request_queue.take_batch(max_rows, linger)
-            if batch:
-                self.run_batch(lit_api, batch, transport, timeout)
-
-    @staticmethod
-    def run_batch(lit_api: Any, batch: list[Request], transport: Transport, timeout: float) -> None:
-        """Predict one batch and send every answer; expired requests are answered without computing."""
-        now = time.monotonic()
-        live: list[Request] = []
-        answers: dict[int, list[tuple[int, int, Any]]] = {}
-        for request in batch:
-            waited = now - request.enqueued
-            metrics.QUEUE_SECONDS.observe(waited)
-            if waited <= timeout:
-                live.append(request)
-            else:
-                answers.setdefault(request.consumer, []).append(
-                    (request.uid, _EXPIRED, "request waited in the queue past the timeout"))
-        version = ""
-        if live:
-            started = time.perf_counter()
-            try:
-                outputs, version = lit_api.predict(lit_api.batch([r.values for r in live]))
-                pieces = lit_api.unbatch(outputs, [len(r.values) for r in live])
-                results = [(r.uid, _OK, piece) if np.isfinite(piece).all() else
-                           (r.uid, _NOT_FINITE, "the model's output for this input is not a finite number")
-                           for r, piece in zip(live, pieces)]
-            except Exception as exc:  # a model fault: every request of the batch gets a 500, the worker lives
-                logger.exception("forward pass failed")
-                results = [(r.uid, _FAILED, f"inference failed: {type(exc).__name__}") for r in live]
-            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-            rows = sum(len(r.values) for r in live)
-            metrics.BATCH_ROWS.observe(rows)
-            metrics.ROWS.inc(rows)
-            for request, result in zip(live, results):
-                answers.setdefault(request.consumer, []).append(result)
-        for consumer, records in answers.items():
-            transport.replies[consumer].send(version, records)

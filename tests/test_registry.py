@@ -107,7 +107,7 @@ def test_bad_files_are_rejected_while_the_old_version_keeps_answering(start_serv
         status = {}
         while time.monotonic() < deadline:  # wait until the worker has looked at THIS file and said no
             status = httpx.get(server.url + "/v1/models/simplenn", timeout=5).json()
-            last = status["workers"][0]["last_reload"]
+            last = status["last_reload"]
             if last and last["result"] == "failed" and last["at"] > seen_at and str(weights) in last["error"]:
                 seen_at = last["at"]
                 break
@@ -213,7 +213,7 @@ def test_rollback_and_rescan_need_the_token_and_work(start_server, tmp_path: Pat
     wait_for_version(server.url, first)
     assert_serves(server.url, make_state_dict(41))
     status = httpx.get(server.url + "/v1/models/simplenn", timeout=5).json()
-    assert status["workers"][0]["last_reload"]["result"] == "rollback"
+    assert status["last_reload"]["result"] == "rollback"
     assert httpx.post(server.url + "/admin/reload", headers=auth, timeout=5).status_code == 202
     wait_for_version(server.url, second)  # a re-scan serves the file on disk again
 
@@ -227,7 +227,7 @@ def test_status_route_names_the_live_version_and_404s_other_models(client: httpx
 
 
 def _last_reload(url: str) -> dict | None:
-    return httpx.get(url + "/v1/models/simplenn", timeout=5).json()["workers"][0]["last_reload"]
+    return httpx.get(url + "/v1/models/simplenn", timeout=5).json()["last_reload"]
 
 
 def _wait_for_failure_after(url: str, after: float, timeout: float = 10) -> dict:

@@ -157,4 +157,4 @@ def test_a_killed_worker_fails_its_requests_with_503_fast_and_is_replaced(start_
     assert all(seconds < 3 for _, seconds in results), results  # not the 60 s timeout
     server.wait_ready(60)  # replaced, ready again
     assert httpx.post(server.url + "/predict", json={"input": [0.1] * 10}, timeout=30).status_code == 200
-    assert "died; starting a new one" in server.log()
+    assert "exited with -9; replacing it" in server.log()

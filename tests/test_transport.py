@@ -1,18 +1,20 @@
-"""serve.transport: frames, batching across requests and protocols, the queue bound and timeouts."""
+"""serve.transport and serve.worker: frames, connections, batching across requests and protocols,
+the queue bound and timeouts."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.transport import _REQUEST, ReplyChannel, RequestQueue, parse_replies
+from serve.channel import ChannelClosed, accept
+from serve.transport import Layout, encode_replies, encode_request, parse_replies
+from serve.worker import ApiLinks
 
 
 def _sample(metrics_text: str, name: str) -> float:
@@ -24,27 +26,74 @@ def _sample(metrics_text: str, name: str) -> float:
 
 
 def test_reply_frames_round_trip() -> None:
-    channel = ReplyChannel(mp.get_context("spawn"))
     outputs = np.arange(6, dtype=np.float32).reshape(3, 2)
-    channel.send("abc123", [(7, 0, outputs), (8, 1, "inference failed: boom")])
-    (length,) = struct.unpack("<I", os.read(channel.reader.fileno(), 4))
-    body = os.read(channel.reader.fileno(), length)
-    version, records = parse_replies(body)
+    data = encode_replies("abc123", [(7, 0, outputs), (8, 1, "inference failed: boom")])
+    version, records = parse_replies(data[4:])
     assert version == "abc123"
     assert records[0][0] == 7 and np.array_equal(records[0][2], outputs)
     assert records[1] == (8, 1, "inference failed: boom")
 
 
-def test_take_batch_respects_max_rows_and_keeps_the_rest() -> None:
-    queue = RequestQueue(mp.get_context("spawn"), 1 << 16)
+@pytest.fixture
+def linked(tmp_path: Path):
+    """A worker's ApiLinks connected to one listening API-server socket; yields (links, api-side conn)."""
+    layout = Layout(tmp_path, api_servers=1)
+    layout.listen()
+    links = ApiLinks(layout, worker_id=3)
+    deadline = time.monotonic() + 5
+    conn = None
+    while conn is None and time.monotonic() < deadline:
+        conn = accept(layout.listeners[0])
+    assert conn is not None
+    yield links, conn
+    conn.close()
+    layout.listeners[0].close()
+
+
+def _frames(conn, timeout: float = 5.0) -> list[bytes]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frames = conn.frames()
+        if frames:
+            return frames
+        time.sleep(0.01)
+    return []
+
+
+def test_take_batch_respects_max_rows_and_keeps_the_rest(linked) -> None:
+    links, conn = linked
+    assert _frames(conn) == [b'{"worker":3}']  # the worker's hello names it
     for uid, rows in enumerate([3, 3, 3]):
-        frame = np.full((rows, 2), uid, dtype=np.float32)
-        queue.write_frame(_REQUEST.pack(0, uid, time.monotonic(), rows, 2) + frame.tobytes())
-    first = queue.take_batch(max_rows=6, linger=0)
+        conn.send(encode_request(uid, time.monotonic(), np.full((rows, 2), uid, dtype=np.float32)))
+    time.sleep(0.05)
+    first = links.take_batch(max_rows=6, linger=0)
     assert [r.uid for r in first] == [0, 1]
-    second = queue.take_batch(max_rows=6, linger=0)
+    second = links.take_batch(max_rows=6, linger=0)
     assert [r.uid for r in second] == [2] and second[0].values.shape == (3, 2)
-    assert queue.take_batch(max_rows=6, linger=0, wait=0.05) == []
+    assert links.take_batch(max_rows=6, linger=0, wait=0.05) == []
+
+
+def test_an_oversized_request_runs_alone_and_answers_go_back_on_its_connection(linked) -> None:
+    links, conn = linked
+    _frames(conn)
+    conn.send(encode_request(1, time.monotonic(), np.ones((10, 2), dtype=np.float32)))
+    batch = links.take_batch(max_rows=4, linger=0)
+    assert [(r.uid, len(r.values)) for r in batch] == [(1, 10)]
+    links.answer(batch[0].conn, encode_replies("v1", [(1, 0, np.zeros((10, 1), dtype=np.float32))]))
+    (body,) = _frames(conn)
+    assert parse_replies(body)[0] == "v1"
+
+
+def test_a_lost_api_server_connection_is_made_again(linked) -> None:
+    links, conn = linked
+    _frames(conn)
+    conn.close()  # the API server died
+    assert links.take_batch(max_rows=4, linger=0, wait=0.2) == []  # notices EOF, reconnects
+    again = accept(links.layout.listeners[0])
+    assert again is not None, "the worker did not reconnect"
+    assert _frames(again) == [b'{"worker":3}']
+    with pytest.raises(ChannelClosed):
+        conn.frames()
 
 
 def test_a_v2_request_and_a_native_request_share_one_forward_pass(start_server) -> None:

@@ -1,0 +1,132 @@
+"""Every use of LitServe's private internals, in one place (LitServe 0.2.19, pinned in pyproject.toml).
+
+The rest of ``serve/`` uses LitServe's public API only: ``LitAPI`` hooks, ``LitServer``'s arguments and
+``run()``, ``LitSpec``, ``LitLoop`` and ``MessageTransport``. :data:`TOUCHPOINTS` lists what this module
+relies on; ``tests/test_litserve_adapter.py`` checks each against the installed LitServe and names the
+one that moved. The touchpoints, why, and what upstream change would let each go:
+
+* ``LitServer._init_manager(num_api_servers)``: LitServe starts a ``multiprocessing.Manager`` process
+  (its request queues, worker status dict and shutdown event) and its own transport. We replace all of
+  it: our transport (:mod:`serve.transport`), a plain status dict, and the supervisor as the shutdown
+  event, so there is no Manager process and no lock a dead process could hold. *Drop when LitServe
+  accepts a transport and a request queue factory as arguments.*
+* ``LitServer.verify_worker_status()``: LitServe waits for one worker; we wait for all of them to serve
+  the same version, and fail fast with the worker's reason. *Drop with a startup hook.*
+* ``LitServer._start_server(port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs)``
+  and ``litserve.server._Server``: LitServe forks its API servers once and never replaces one; we fork
+  them one at a time so the supervisor can replace a dead one (same code as LitServe's, per index).
+  *Drop when LitServe restarts API servers.*
+* ``LitServer._start_worker_monitoring(manager, uvicorn_workers)``: LitServe polls its workers every
+  ``monitor_internal`` seconds and fails every pending request of a restarted worker; the supervisor
+  waits on process sentinels instead (no polling) and the transport fails only the dead worker's
+  requests. *Drop when LitServe scopes failures to the dead worker (#340 is related).*
+* ``LitServer.launch_single_inference_worker(lit_api, worker_id)`` and ``inference_workers``: how a
+  worker is (re)spawned, and the list LitServe's shutdown terminates. *Public-enough; keep.*
+* ``LitLoop.__call__(lit_api, device, worker_id, request_queue, transport, workers_setup_status,
+  callback_runner)``: the worker loop's signature (``litserve.loops.loops.inference_worker`` calls it).
+* ``app.router.routes``, ``app.user_middleware`` and ``app.build_middleware_stack``: LitServe adds ``/``,
+  ``/health`` and ``/info`` routes and a GZip middleware; ours replace them, and our protocol router
+  runs in front of FastAPI's stack. *Drop with options to disable those routes and middleware.*
+* ``litserve.server.configure_logging``: ``run()`` installs a plain-text log handler; every line of ours is
+  JSON. *Drop when ``run()`` takes a ``log_config``.*
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+from collections.abc import Callable
+from typing import Any
+
+import litserve as ls
+import litserve.server as litserve_server
+import uvicorn
+from starlette.middleware.gzip import GZipMiddleware
+
+from serve.supervisor import Supervisor
+from serve.transport import Transport
+
+TOUCHPOINTS: dict[str, tuple[str, ...]] = {
+    "litserve.server.LitServer._init_manager": ("self", "num_api_servers"),
+    "litserve.server.LitServer.verify_worker_status": ("self",),
+    "litserve.server.LitServer._start_server": ("self", "port", "num_uvicorn_servers", "log_level", "sockets",
+                                                "uvicorn_worker_type", "kwargs"),
+    "litserve.server.LitServer._start_worker_monitoring": ("self", "manager", "uvicorn_workers"),
+    "litserve.server.LitServer.launch_single_inference_worker": ("self", "lit_api", "worker_id"),
+    "litserve.server.LitServer._perform_graceful_shutdown": ("self", "manager", "uvicorn_workers",
+                                                             "shutdown_reason"),
+    "litserve.server._Server.run": ("self", "worker_id", "sockets"),
+    "litserve.server.configure_logging": ("level", "format", "stream", "use_rich"),
+    "litserve.loops.loops.inference_worker": ("lit_api", "device", "worker_id", "request_queue", "transport",
+                                              "workers_setup_status", "callback_runner", "restart_workers"),
+    "litserve.loops.base.LitLoop.__call__": ("self", "lit_api", "device", "worker_id", "request_queue",
+                                             "transport", "workers_setup_status", "callback_runner"),
+}
+
+
+class _NoManager:
+    """Stands in for LitServe's ``multiprocessing.Manager``: there is none to shut down."""
+
+    def shutdown(self) -> None:
+        return None
+
+
+class AdaptedLitServer(ls.LitServer):
+    """A ``LitServer`` whose transport, worker supervision and API-server start are ours."""
+
+    def __init__(self, lit_api: ls.LitAPI, transport: Transport, supervisor: Supervisor, **kwargs: Any) -> None:
+        self.fast_transport = transport
+        self.supervisor = supervisor
+        super().__init__(lit_api, **kwargs)
+        self._api_servers: dict[int, Any] = {}
+        self._uvicorn_args: tuple = ()
+
+    def replace_routes_and_middleware(self, wrap: Callable[[Any], Any], drop_paths: tuple[str, ...]) -> None:
+        """Remove LitServe's own routes and GZip middleware; ``wrap`` FastAPI's built stack."""
+        self.app.router.routes[:] = [r for r in self.app.router.routes if getattr(r, "path", None) not in drop_paths]
+        self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
+        build = self.app.build_middleware_stack
+        self.app.build_middleware_stack = lambda: wrap(build())  # type: ignore[method-assign]
+
+    @staticmethod
+    def use_logging(configure: Callable[[], None]) -> None:
+        """Make ``LitServer.run()`` configure logging our way."""
+        litserve_server.configure_logging = lambda *_, **__: configure()
+
+    # -- LitServe's private hooks ---------------------------------------------------------------
+    def _init_manager(self, num_api_servers: int) -> Any:
+        self._transport = self.fast_transport
+        for lit_api in self.litapi_connector:
+            self.litapi_request_queues[lit_api.api_path] = None  # workers read their own connections
+        self.workers_setup_status = {}
+        self._shutdown_event = self.supervisor  # type: ignore[assignment]
+        self.supervisor.start_control()
+        return _NoManager()
+
+    def verify_worker_status(self) -> None:
+        self.supervisor.wait_started(self.inference_workers)
+        lit_api = next(iter(self.litapi_connector))
+        self.supervisor.supervise("inference worker", lambda i: self.launch_single_inference_worker(lit_api, i),
+                                  self.inference_workers)
+
+    def _start_server(self, port: int, num_uvicorn_servers: int, log_level: str, sockets: list, uvicorn_worker_type: str,
+                      **kwargs: Any) -> dict[int, Any]:
+        self._uvicorn_args = (port, log_level, sockets, kwargs)
+        for index in range(num_uvicorn_servers):
+            self._api_servers[index] = self._fork_api_server(index)
+        self.supervisor.supervise("API server", self._fork_api_server, self._api_servers)
+        return self._api_servers
+
+    def _fork_api_server(self, index: int) -> Any:
+        """LitServe's ``_start_server`` for one API server (so that one can be replaced)."""
+        port, log_level, sockets, kwargs = self._uvicorn_args
+        self.app.response_queue_id = index
+        config = uvicorn.Config(app=copy.copy(self.app), host="0.0.0.0", port=port, log_level=log_level,
+                                timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)
+        server = litserve_server._Server(config=config)
+        process = mp.get_context("fork").Process(target=server.run, args=(index, sockets), name=f"LitServer-{index}")
+        process.start()
+        return process
+
+    def _start_worker_monitoring(self, manager: Any, uvicorn_workers: Any) -> None:
+        return None  # the supervisor replaces dead children from the main thread (Supervisor.wait)

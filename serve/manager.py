@@ -1,0 +1,277 @@
+"""The one decider of which version the server serves (TF Serving's ``AspiredVersionsManager`` with
+its availability-preserving policy), in the supervisor.
+
+The weights source proposes candidates (:class:`SourceFollower`); the manager pins the best one
+(:mod:`serve.versions`) and asks every worker to ``load`` it (verify and keep it aside). Only when
+every worker has loaded it does the manager tell them all to ``serve`` it: one switch, within
+milliseconds across workers, and a file that any worker rejects is never served anywhere. The
+previous version stays pinned for rollback. A replacement worker says ``hello`` and is told to serve
+the current version, so a rollback holds across restarts. Every change is pushed to the API servers.
+Runs on the control hub's thread only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from serve import metrics
+from serve.control import Hub, Peer
+from serve.errors import WeightsError, WeightsNotFoundError
+from serve.source import Candidate, WeightsSource
+from serve.versions import Version, VersionStore
+
+logger = logging.getLogger(__name__)
+
+
+class StartupGate:
+    """Set once every worker serves the first version, or with the reason none could be served."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: str | None = None
+
+    def fail(self, error: str) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+
+class VersionManager:
+    """Which version is served, previous and being staged; the workers' and API servers' channels."""
+
+    def __init__(self, store: VersionStore, workers: int, load_timeout: float) -> None:
+        self.store, self.expected_workers, self.load_timeout = store, workers, load_timeout
+        self.hub: Hub | None = None
+        self.served: Version | None = None
+        self.previous: Version | None = None
+        self.staging: Version | None = None
+        self.waiting: set[int] = set()  # workers that have not answered the staging load yet
+        self.loaded_by: set[int] = set()
+        self.rejected: dict[tuple, str] = {}
+        self.seen: list[Candidate] = []
+        self.workers: dict[int, Peer] = {}
+        self.apis: dict[int, Peer] = {}
+        self.last_reload: dict[str, Any] | None = None
+        self.draining = False
+        self.startup = StartupGate()
+        self.rescan_requested = threading.Event()
+        self.served_pids: set[int] = set()  # children that have served (read by the supervisor's thread)
+
+    # -- the hub's callbacks --------------------------------------------------------------------
+    def on_hello(self, peer: Peer) -> None:
+        if peer.role == "api":
+            self.served_pids.add(peer.pid)
+            self.apis[peer.id] = peer
+            peer.send(self.state())
+            return
+        self.workers[peer.id] = peer
+        if self.served is not None:
+            peer.send(self.served.command("serve"))
+        if self.staging is not None:
+            peer.send(self.staging.command("serve" if self.served is None else "load"))
+            self.waiting.add(peer.id)
+        self.publish()
+
+    def on_closed(self, peer: Peer) -> None:
+        group = self.apis if peer.role == "api" else self.workers
+        if group.get(peer.id) is peer:
+            del group[peer.id]
+        if peer.role == "worker":
+            self.waiting.discard(peer.id)
+            self._maybe_commit()
+            self.publish()
+
+    def on_message(self, peer: Peer, message: dict[str, Any]) -> None:
+        kind, version = message.get("t"), message.get("version")
+        if kind == "rescan":
+            self.rescan()
+        elif kind == "rollback":
+            self.rollback()
+        elif kind == "loaded" and self.staging is not None and version == self.staging.id:
+            self.waiting.discard(peer.id)
+            self.loaded_by.add(peer.id)
+            self._maybe_commit()
+        elif kind == "serving":
+            peer.info.update(version=version, loaded_at=message.get("loaded_at"))
+            self.served_pids.add(peer.pid)
+            if self.served is None and self.staging is not None and version == self.staging.id:
+                self._commit(broadcast=False)
+            self._check_started()
+            self.publish()
+        elif kind == "rejected":
+            self._on_rejected(peer, version, str(message.get("error")), str(message.get("reason")))
+
+    # -- decisions ------------------------------------------------------------------------------
+    def on_candidates(self, candidates: list[Candidate]) -> None:
+        """The source's current candidates, best first: serve the best one that is not known bad."""
+        self.seen = candidates
+        if self.staging is not None:
+            return  # decided again when the staging version is committed or rejected
+        for candidate in candidates:
+            if candidate.fingerprint in self.rejected:
+                continue
+            if self.served is not None and candidate.fingerprint == self.served.fingerprint:
+                return
+            try:
+                version = self.store.pin(candidate)
+            except WeightsError as exc:
+                self._reject(candidate.fingerprint, exc.message, exc.reason)
+                continue
+            if self.served is not None and version.sha256 == self.served.sha256:
+                self.served = dataclasses.replace(self.served, fingerprint=candidate.fingerprint)
+                return
+            self._stage(version)
+            return
+        if self.served is None:
+            first = candidates[0].fingerprint if candidates else None
+            self.startup.fail(self.rejected.get(first, "no servable weights"))
+
+    def _stage(self, version: Version) -> None:
+        self.staging, self.loaded_by = version, set()
+        self.waiting = set(self.workers)
+        op = "serve" if self.served is None else "load"
+        for peer in self.workers.values():
+            peer.send(version.command(op))
+        if self.served is not None and self.hub is not None:
+            self.hub.call_later(self.load_timeout, lambda: self._load_timed_out(version))
+
+    def _load_timed_out(self, version: Version) -> None:
+        if self.staging is not version:
+            return
+        for worker in list(self.waiting):
+            logger.error("worker %d did not load version %s within %.0f s; replacing it", worker, version.id,
+                         self.load_timeout)
+            self._kill(self.workers.get(worker))
+        self.waiting.clear()
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> None:
+        if self.staging is not None and self.served is not None and not self.waiting and self.loaded_by:
+            self._commit(broadcast=True)
+
+    def _commit(self, broadcast: bool) -> None:
+        assert self.staging is not None
+        if self.served is not None:
+            self.previous = self.served
+        self.served, self.staging = self.staging, None
+        self.loaded_by, self.waiting = set(), set()
+        self._record("ok", self.served.id)
+        metrics.RELOADS.labels(result="ok", reason="").inc()
+        logger.info("serving version %s from %s", self.served.id, self.served.origin)
+        if broadcast:
+            for peer in self.workers.values():
+                peer.send(self.served.command("serve"))
+        self.store.keep_only(self.served, self.previous)
+        self.on_candidates(self.seen)
+
+    def _on_rejected(self, peer: Peer, version: str | None, error: str, reason: str) -> None:
+        if version is None:  # the worker cannot serve at all (no such device)
+            self.startup.fail(error)
+            logger.error("worker %d: %s", peer.id, error)
+        elif self.staging is not None and version == self.staging.id:
+            fingerprint = self.staging.fingerprint
+            self.staging, self.waiting, self.loaded_by = None, set(), set()
+            self._reject(fingerprint, error, reason)
+            self.on_candidates(self.seen)
+        elif self.served is not None and version == self.served.id:
+            logger.error("worker %d cannot serve version %s that its peers serve (%s); replacing it",
+                         peer.id, version, error)
+            self._kill(peer)
+
+    def _reject(self, fingerprint: tuple, error: str, reason: str) -> None:
+        self.rejected[fingerprint] = error
+        metrics.RELOADS.labels(result="failed", reason=reason).inc()
+        logger.warning("rejected: %s", error)
+        self._record("failed", None, error, reason)
+
+    def rescan(self) -> None:
+        """Look at the weights now (admin reload, SIGHUP): files known to be bad get one more try."""
+        self.rejected.clear()
+        self.rescan_requested.set()
+
+    def rollback(self) -> bool:
+        """Serve the previous version again, on every worker, until the weights change."""
+        if self.previous is None or self.staging is not None:
+            return False
+        self.served, self.previous = self.previous, self.served
+        for peer in self.workers.values():
+            peer.send(self.served.command("serve"))
+        self._record("rollback", self.served.id)
+        logger.info("rolled back to version %s", self.served.id)
+        return True
+
+    # -- state ----------------------------------------------------------------------------------
+    def _check_started(self) -> None:
+        serving = [p for p in self.workers.values() if self.served and p.info.get("version") == self.served.id]
+        if len(serving) >= self.expected_workers:
+            self.startup.event.set()
+
+    @staticmethod
+    def _kill(peer: Peer | None) -> None:
+        if peer is not None:
+            try:
+                os.kill(peer.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _record(self, result: str, version: str | None, error: str | None = None, reason: str | None = None) -> None:
+        self.last_reload = {"at": time.time(), "result": result, "version": version, "error": error,
+                            "reason": reason}
+        if result == "ok":
+            metrics.LAST_RELOAD.set(self.last_reload["at"])
+        self.publish()
+
+    def state(self) -> dict[str, Any]:
+        """The server's state as the API servers show it."""
+        workers = [{"worker": p.id, "pid": p.pid, "version": p.info.get("version"),
+                    "loaded_at": p.info.get("loaded_at")} for p in sorted(self.workers.values(), key=lambda p: p.id)]
+        return {"t": "state", "draining": self.draining,
+                "version": self.served.id if self.served else None,
+                "previous_version": self.previous.id if self.previous else None,
+                "path": self.served.origin if self.served else None,
+                "versions": sorted({w["version"] for w in workers if w["version"]}),
+                "workers": workers, "last_reload": self.last_reload}
+
+    def publish(self) -> None:
+        """Push the state to every API server."""
+        state = self.state()
+        for peer in self.apis.values():
+            peer.send(state)
+
+    def set_draining(self) -> None:
+        self.draining = True
+        self.publish()
+
+
+class SourceFollower:
+    """The weights source's thread: hands every change of the candidates to the manager."""
+
+    def __init__(self, source: WeightsSource, manager: VersionManager, hub: Hub) -> None:
+        self.source, self.manager, self.hub = source, manager, hub
+
+    def start(self, initial: list[Candidate]) -> None:
+        threading.Thread(target=self._follow, args=(initial,), name="weights-source", daemon=True).start()
+
+    def _follow(self, seen: list[Candidate]) -> None:
+        wake = self.manager.rescan_requested
+        while True:
+            try:
+                changed = self.source.wait_for_change(seen, wake)
+                if changed is None:  # a rescan was asked for
+                    wake.clear()
+                    changed = self.source.candidates()
+            except WeightsNotFoundError as exc:
+                logger.warning("weights rescan: %s", exc.message)
+                continue
+            except Exception as exc:  # a vanished directory, a race: log, keep serving, keep watching
+                logger.warning("weights source: %s", exc)
+                time.sleep(self.source.poll_interval)
+                continue
+            seen = changed
+            self.hub.call_soon(lambda found=changed: self.manager.on_candidates(found))

@@ -1,0 +1,179 @@
+"""An inference worker's side of the data plane: one connection to every API server, and the
+batching loop that LitServe runs in the worker (our ``LitLoop``).
+
+The loop blocks (``selectors``, no busy-wait) until requests arrive from any API server, takes every
+request that has arrived (up to ``max_batch_size`` rows; a request that would overflow waits for the
+next batch, a single oversized request runs alone), optionally lingers ``batch_timeout`` for more,
+runs one forward pass on one model snapshot, and answers each API server once per batch. A lost API
+server connection is re-made at once (the supervisor keeps the listening socket, so a replacement
+API server finds it waiting). Replies to an API server that stops reading queue up to a bound, then
+its connection is dropped rather than letting it stall the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from litserve.loops.base import LitLoop
+
+from serve import metrics
+from serve.channel import ChannelClosed, Connection, connect, frame
+from serve.transport import EXPIRED, FAILED, NOT_FINITE, OK, Layout, decode_request, encode_replies
+
+logger = logging.getLogger(__name__)
+_MAX_OUTBOX = 64 << 20
+_RECONNECT_S = 0.2
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as a worker sees it, with the connection to answer on."""
+
+    conn: Connection
+    uid: int
+    enqueued: float
+    values: np.ndarray
+
+
+class ApiLinks:
+    """This worker's connections to every API server, read through one selector."""
+
+    def __init__(self, layout: Layout, worker_id: int) -> None:
+        self.layout, self.worker_id = layout, worker_id
+        self.selector = selectors.DefaultSelector()
+        self.conns: dict[int, Connection | None] = {i: None for i in range(layout.api_servers)}
+        self.ready: deque[Request] = deque()
+        for index in self.conns:
+            self._connect(index)
+
+    def _connect(self, index: int) -> None:
+        try:
+            conn = connect(self.layout.api_path(index))
+            conn.send(frame(orjson.dumps({"worker": self.worker_id})))
+        except (OSError, ChannelClosed):
+            return  # retried by wait()
+        self.conns[index] = conn
+        self.selector.register(conn.sock, selectors.EVENT_READ, index)
+
+    def _drop(self, index: int) -> None:
+        conn = self.conns[index]
+        if conn is not None:
+            self.selector.unregister(conn.sock)
+            conn.close()
+            self.conns[index] = None
+        self._connect(index)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for requests (or writability); True if requests arrived."""
+        missing = [i for i, conn in self.conns.items() if conn is None]
+        for index in missing:
+            self._connect(index)
+        if missing:
+            timeout = min(timeout, _RECONNECT_S)
+        before = len(self.ready)
+        for key, mask in self.selector.select(timeout):
+            index, conn = key.data, key.fileobj
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    self._flush(index)
+                if mask & selectors.EVENT_READ:
+                    owner = self.conns[index]
+                    assert owner is not None
+                    for body in owner.frames():
+                        uid, enqueued, values = decode_request(body)
+                        self.ready.append(Request(owner, uid, enqueued, values))
+            except ChannelClosed:
+                if self.conns[index] is not None and self.conns[index].sock is conn:
+                    self._drop(index)
+        return len(self.ready) > before
+
+    def take_batch(self, max_rows: int, linger: float, wait: float = 1.0) -> list[Request]:
+        """Block up to ``wait`` for a first request, then take what has arrived, up to ``max_rows`` rows."""
+        if not self.ready and not self.wait(wait):
+            return []
+        batch: list[Request] = []
+        rows, deadline = 0, time.monotonic() + linger
+        while True:
+            while self.ready and (not batch or rows + len(self.ready[0].values) <= max_rows):
+                request = self.ready.popleft()
+                batch.append(request)
+                rows += len(request.values)
+            if self.ready or rows >= max_rows or not self.wait(max(0.0, deadline - time.monotonic())):
+                return batch
+
+    def answer(self, conn: Connection, data: bytes) -> None:
+        """Send one reply frame on ``conn`` if it is still this worker's connection to its API server."""
+        index = next((i for i, c in self.conns.items() if c is conn), None)
+        if index is None:
+            return  # that API server is gone: nobody waits for this answer
+        try:
+            conn.send(data)
+        except ChannelClosed:
+            self._drop(index)
+            return
+        if conn.outbox:
+            if len(conn.outbox) > _MAX_OUTBOX:
+                logger.error("API server %d does not read its answers; dropping its connection", index)
+                self._drop(index)
+                return
+            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, index)
+
+    def _flush(self, index: int) -> None:
+        conn = self.conns[index]
+        if conn is not None and conn.flush():
+            self.selector.modify(conn.sock, selectors.EVENT_READ, index)
+
+
+class BatchingLoop(LitLoop):
+    """The inference worker's loop: take a batch, one forward pass, answer each API server once."""
+
+    def __call__(self, lit_api: Any, device: str, worker_id: int, request_queue: Any, transport: Any,
+                 workers_setup_status: Any, callback_runner: Any) -> None:
+        links = ApiLinks(transport.layout, worker_id)
+        while True:
+            batch = links.take_batch(lit_api.max_batch_size, lit_api.batch_timeout)
+            if batch:
+                for conn, data in run_batch(lit_api, batch, transport.request_timeout):
+                    links.answer(conn, data)
+
+
+def run_batch(lit_api: Any, batch: list[Request], timeout: float) -> list[tuple[Connection, bytes]]:
+    """Predict one batch; returns one reply frame per connection. Expired requests are answered
+    without computing; a model fault fails this batch's requests with 500 and the worker lives on."""
+    now = time.monotonic()
+    live: list[Request] = []
+    answers: dict[Connection, list[tuple[int, int, Any]]] = {}
+    for request in batch:
+        waited = now - request.enqueued
+        metrics.QUEUE_SECONDS.observe(waited)
+        if waited <= timeout:
+            live.append(request)
+        else:
+            answers.setdefault(request.conn, []).append(
+                (request.uid, EXPIRED, "request waited in the queue past the timeout"))
+    version = ""
+    if live:
+        started = time.perf_counter()
+        try:
+            outputs, version = lit_api.predict(lit_api.batch([r.values for r in live]))
+            pieces = lit_api.unbatch(outputs, [len(r.values) for r in live])
+            results = [(r.uid, OK, piece) if np.isfinite(piece).all() else
+                       (r.uid, NOT_FINITE, "the model's output for this input is not a finite number")
+                       for r, piece in zip(live, pieces)]
+        except Exception as exc:
+            logger.exception("forward pass failed")
+            results = [(r.uid, FAILED, f"inference failed: {type(exc).__name__}") for r in live]
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        rows = sum(len(r.values) for r in live)
+        metrics.BATCH_ROWS.observe(rows)
+        metrics.ROWS.inc(rows)
+        for request, result in zip(live, results):
+            answers.setdefault(request.conn, []).append(result)
+    return [(conn, encode_replies(version, records)) for conn, records in answers.items()]

@@ -1,0 +1,56 @@
+"""The LitServe internals that serve.litserve_adapter relies on exist in the installed LitServe, with the
+parameters it expects. On another LitServe version this fails with one line naming what moved."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+
+import litserve
+import pytest
+
+import serve
+from serve.litserve_adapter import TOUCHPOINTS
+
+
+def _resolve(dotted: str) -> object:
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            target: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for name in parts[split:]:
+            target = getattr(target, name)
+        return target
+    raise ImportError(dotted)
+
+
+@pytest.mark.parametrize("dotted", sorted(TOUCHPOINTS))
+def test_touchpoint_exists_with_the_expected_parameters(dotted: str) -> None:
+    try:
+        target = _resolve(dotted)
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"LitServe {litserve.__version__}: {dotted} is gone ({exc}); see serve/litserve_adapter.py",
+                    pytrace=False)
+    found = tuple(inspect.signature(target).parameters)
+    if found != TOUCHPOINTS[dotted]:
+        pytest.fail(f"LitServe {litserve.__version__}: {dotted}{found} changed, expected {TOUCHPOINTS[dotted]}; "
+                    "see serve/litserve_adapter.py", pytrace=False)
+
+
+def test_no_other_module_reaches_into_litserve_internals() -> None:
+    """Outside the adapter, serve/ imports only LitServe's public names."""
+    public = ("import litserve as ls", "from litserve.specs.base import LitSpec", "from litserve.loops.base import LitLoop",
+              "from litserve.transport.base import MessageTransport")
+    offenders = []
+    for module in pkgutil.iter_modules(serve.__path__):
+        if module.name == "litserve_adapter":
+            continue
+        source = inspect.getsource(importlib.import_module(f"serve.{module.name}"))
+        for line in source.splitlines():
+            stripped = line.strip()
+            if " litserve" in stripped and stripped.startswith(("import ", "from ")) and stripped not in public:
+                offenders.append(f"serve/{module.name}.py: {stripped}")
+    assert not offenders, offenders
