@@ -42,11 +42,80 @@ class StartupGate:
             self.event.set()
 
 
+class Fleet:
+    """The children on the control channel, what each worker serves, and the state the API servers show."""
+
+    def __init__(self) -> None:
+        self.workers: dict[int, Peer] = {}
+        self.apis: dict[int, Peer] = {}
+        self.served_pids: set[int] = set()  # children that have served (read by the supervisor's thread)
+        self.last_reload: dict[str, Any] | None = None
+        self.draining = False
+        self.versions: tuple[str | None, str | None, str | None] = (None, None, None)  # served, previous, origin
+
+    def join(self, peer: Peer) -> None:
+        (self.apis if peer.role == "api" else self.workers)[peer.id] = peer
+        if peer.role == "api":
+            self.served_pids.add(peer.pid)
+            peer.send(self.state())
+
+    def leave(self, peer: Peer) -> bool:
+        """Forget a closed child; True if it was the current one of its id."""
+        group = self.apis if peer.role == "api" else self.workers
+        if group.get(peer.id) is peer:
+            del group[peer.id]
+            return True
+        return False
+
+    def serving(self, peer: Peer, version: str, loaded_at: float | None) -> None:
+        peer.info.update(version=version, loaded_at=loaded_at)
+        self.served_pids.add(peer.pid)
+
+    def count_serving(self, version: str) -> int:
+        return sum(1 for p in self.workers.values() if p.info.get("version") == version)
+
+    def tell_workers(self, message: dict[str, Any]) -> None:
+        for peer in self.workers.values():
+            peer.send(message)
+
+    @staticmethod
+    def kill(peer: Peer | None) -> None:
+        """SIGKILL a child (its replacement then starts over)."""
+        if peer is not None:
+            try:
+                os.kill(peer.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def record(self, result: str, version: str | None, error: str | None = None, reason: str | None = None) -> None:
+        self.last_reload = {"at": time.time(), "result": result, "version": version, "error": error,
+                            "reason": reason}
+        if result == "ok":
+            metrics.LAST_RELOAD.set(self.last_reload["at"])
+        self.publish()
+
+    def state(self) -> dict[str, Any]:
+        """The server's state as the API servers show it."""
+        workers = [{"worker": p.id, "pid": p.pid, "version": p.info.get("version"),
+                    "loaded_at": p.info.get("loaded_at")} for p in sorted(self.workers.values(), key=lambda p: p.id)]
+        served, previous, origin = self.versions
+        return {"t": "state", "draining": self.draining, "version": served, "previous_version": previous,
+                "path": origin, "versions": sorted({w["version"] for w in workers if w["version"]}),
+                "workers": workers, "last_reload": self.last_reload}
+
+    def publish(self) -> None:
+        """Push the state to every API server."""
+        state = self.state()
+        for peer in self.apis.values():
+            peer.send(state)
+
+
 class VersionManager:
-    """Which version is served, previous and being staged; the workers' and API servers' channels."""
+    """Which version is served, which came before, and which is being staged (the hub's handler)."""
 
     def __init__(self, store: VersionStore, workers: int, load_timeout: float) -> None:
         self.store, self.expected_workers, self.load_timeout = store, workers, load_timeout
+        self.fleet = Fleet()
         self.hub: Hub | None = None
         self.served: Version | None = None
         self.previous: Version | None = None
@@ -55,37 +124,26 @@ class VersionManager:
         self.loaded_by: set[int] = set()
         self.rejected: dict[tuple, str] = {}
         self.seen: list[Candidate] = []
-        self.workers: dict[int, Peer] = {}
-        self.apis: dict[int, Peer] = {}
-        self.last_reload: dict[str, Any] | None = None
-        self.draining = False
         self.startup = StartupGate()
         self.rescan_requested = threading.Event()
-        self.served_pids: set[int] = set()  # children that have served (read by the supervisor's thread)
 
     # -- the hub's callbacks --------------------------------------------------------------------
     def on_hello(self, peer: Peer) -> None:
-        if peer.role == "api":
-            self.served_pids.add(peer.pid)
-            self.apis[peer.id] = peer
-            peer.send(self.state())
+        self.fleet.join(peer)
+        if peer.role != "worker":
             return
-        self.workers[peer.id] = peer
         if self.served is not None:
             peer.send(self.served.command("serve"))
         if self.staging is not None:
             peer.send(self.staging.command("serve" if self.served is None else "load"))
             self.waiting.add(peer.id)
-        self.publish()
+        self.fleet.publish()
 
     def on_closed(self, peer: Peer) -> None:
-        group = self.apis if peer.role == "api" else self.workers
-        if group.get(peer.id) is peer:
-            del group[peer.id]
-        if peer.role == "worker":
+        if self.fleet.leave(peer) and peer.role == "worker":
             self.waiting.discard(peer.id)
             self._maybe_commit()
-            self.publish()
+            self.fleet.publish()
 
     def on_message(self, peer: Peer, message: dict[str, Any]) -> None:
         kind, version = message.get("t"), message.get("version")
@@ -98,12 +156,12 @@ class VersionManager:
             self.loaded_by.add(peer.id)
             self._maybe_commit()
         elif kind == "serving":
-            peer.info.update(version=version, loaded_at=message.get("loaded_at"))
-            self.served_pids.add(peer.pid)
+            self.fleet.serving(peer, version, message.get("loaded_at"))
             if self.served is None and self.staging is not None and version == self.staging.id:
                 self._commit(broadcast=False)
-            self._check_started()
-            self.publish()
+            if self.served is not None and self.fleet.count_serving(self.served.id) >= self.expected_workers:
+                self.startup.event.set()
+            self.fleet.publish()
         elif kind == "rejected":
             self._on_rejected(peer, version, str(message.get("error")), str(message.get("reason")))
 
@@ -134,10 +192,8 @@ class VersionManager:
 
     def _stage(self, version: Version) -> None:
         self.staging, self.loaded_by = version, set()
-        self.waiting = set(self.workers)
-        op = "serve" if self.served is None else "load"
-        for peer in self.workers.values():
-            peer.send(version.command(op))
+        self.waiting = set(self.fleet.workers)
+        self.fleet.tell_workers(version.command("serve" if self.served is None else "load"))
         if self.served is not None and self.hub is not None:
             self.hub.call_later(self.load_timeout, lambda: self._load_timed_out(version))
 
@@ -147,7 +203,7 @@ class VersionManager:
         for worker in list(self.waiting):
             logger.error("worker %d did not load version %s within %.0f s; replacing it", worker, version.id,
                          self.load_timeout)
-            self._kill(self.workers.get(worker))
+            self.fleet.kill(self.fleet.workers.get(worker))
         self.waiting.clear()
         self._maybe_commit()
 
@@ -161,12 +217,12 @@ class VersionManager:
             self.previous = self.served
         self.served, self.staging = self.staging, None
         self.loaded_by, self.waiting = set(), set()
-        self._record("ok", self.served.id)
+        self._published_versions()
         metrics.RELOADS.labels(result="ok", reason="").inc()
         logger.info("serving version %s from %s", self.served.id, self.served.origin)
         if broadcast:
-            for peer in self.workers.values():
-                peer.send(self.served.command("serve"))
+            self.fleet.tell_workers(self.served.command("serve"))
+        self.fleet.record("ok", self.served.id)
         self.store.keep_only(self.served, self.previous)
         self.on_candidates(self.seen)
 
@@ -182,13 +238,13 @@ class VersionManager:
         elif self.served is not None and version == self.served.id:
             logger.error("worker %d cannot serve version %s that its peers serve (%s); replacing it",
                          peer.id, version, error)
-            self._kill(peer)
+            self.fleet.kill(peer)
 
     def _reject(self, fingerprint: tuple, error: str, reason: str) -> None:
         self.rejected[fingerprint] = error
         metrics.RELOADS.labels(result="failed", reason=reason).inc()
         logger.warning("rejected: %s", error)
-        self._record("failed", None, error, reason)
+        self.fleet.record("failed", None, error, reason)
 
     def rescan(self) -> None:
         """Look at the weights now (admin reload, SIGHUP): files known to be bad get one more try."""
@@ -200,53 +256,19 @@ class VersionManager:
         if self.previous is None or self.staging is not None:
             return False
         self.served, self.previous = self.previous, self.served
-        for peer in self.workers.values():
-            peer.send(self.served.command("serve"))
-        self._record("rollback", self.served.id)
+        self._published_versions()
+        self.fleet.tell_workers(self.served.command("serve"))
+        self.fleet.record("rollback", self.served.id)
         logger.info("rolled back to version %s", self.served.id)
         return True
 
-    # -- state ----------------------------------------------------------------------------------
-    def _check_started(self) -> None:
-        serving = [p for p in self.workers.values() if self.served and p.info.get("version") == self.served.id]
-        if len(serving) >= self.expected_workers:
-            self.startup.event.set()
-
-    @staticmethod
-    def _kill(peer: Peer | None) -> None:
-        if peer is not None:
-            try:
-                os.kill(peer.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def _record(self, result: str, version: str | None, error: str | None = None, reason: str | None = None) -> None:
-        self.last_reload = {"at": time.time(), "result": result, "version": version, "error": error,
-                            "reason": reason}
-        if result == "ok":
-            metrics.LAST_RELOAD.set(self.last_reload["at"])
-        self.publish()
-
-    def state(self) -> dict[str, Any]:
-        """The server's state as the API servers show it."""
-        workers = [{"worker": p.id, "pid": p.pid, "version": p.info.get("version"),
-                    "loaded_at": p.info.get("loaded_at")} for p in sorted(self.workers.values(), key=lambda p: p.id)]
-        return {"t": "state", "draining": self.draining,
-                "version": self.served.id if self.served else None,
-                "previous_version": self.previous.id if self.previous else None,
-                "path": self.served.origin if self.served else None,
-                "versions": sorted({w["version"] for w in workers if w["version"]}),
-                "workers": workers, "last_reload": self.last_reload}
-
-    def publish(self) -> None:
-        """Push the state to every API server."""
-        state = self.state()
-        for peer in self.apis.values():
-            peer.send(state)
+    def _published_versions(self) -> None:
+        self.fleet.versions = (self.served.id if self.served else None, self.previous.id if self.previous else None,
+                               self.served.origin if self.served else None)
 
     def set_draining(self) -> None:
-        self.draining = True
-        self.publish()
+        self.fleet.draining = True
+        self.fleet.publish()
 
 
 class SourceFollower:

@@ -53,11 +53,11 @@ class ServerView:
 
     def ready(self) -> bool:
         """True when this API server can have a request answered now."""
-        return bool(self.state) and not self.state["draining"] and self.transport.can_serve()
+        return bool(self.state) and not self.state["draining"] and self.transport.workers.can_serve()
 
     def stuck_for(self) -> float | None:
         """Seconds this API server has been stuck past the limit, or None while it is alive."""
-        stalled = self.transport.stalled_for()
+        stalled = self.transport.workers.stalled_for()
         return stalled if stalled > self.stuck_after else None
 
     def status(self) -> dict[str, Any]:

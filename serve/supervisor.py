@@ -50,7 +50,7 @@ class Children:
 
     def died(self, index: int) -> None:
         old = self.processes[index]
-        old.join(0)
+        old.join(1)  # the sentinel fires as its files close, a moment before it can be reaped
         failed = not self.became_healthy(old) and time.monotonic() - self.started_at.get(index, 0.0) < _YOUNG_S
         self.failures[index] = self.failures.get(index, 0) + 1 if failed else 0
         delay = min(_MAX_BACKOFF_S, 0.5 * 2 ** (self.failures[index] - 2)) if self.failures[index] > 1 else 0.0
@@ -112,7 +112,7 @@ class Supervisor:
     def supervise(self, kind: str, start: Callable[[int], Any], processes: list[Any] | dict[int, Any]) -> None:
         """Keep the children in ``processes`` (replaced in place) alive with ``start(index)``; a child that
         dies before it ever served (a crash loop) is replaced after a growing delay."""
-        group = Children(kind, start, processes, lambda process: process.pid in self.manager.served_pids)
+        group = Children(kind, start, processes, lambda process: process.pid in self.manager.fleet.served_pids)
         now = time.monotonic()
         group.started_at = {i: now for i in group.indexes()}
         self.groups.append(group)

@@ -181,116 +181,36 @@ class WorkerLink:
                 pass
 
 
-class Transport(MessageTransport):
-    """The API server's side of the data plane, in LitServe's transport slot.
+class Dispatcher:
+    """An API server's workers: which one takes a request, requests waiting for a worker, and the
+    watchdog that kills a worker holding requests past the hang timeout."""
 
-    In API server ``i``, LitServe's lifespan task calls :meth:`areceive` with ``i``; from then on the
-    event loop accepts workers' connections and reads their answers, and :meth:`infer` works.
-    """
-
-    def __init__(self, layout: Layout, max_queue_bytes: int, request_timeout: float, hang_timeout: float) -> None:
-        self.layout = layout
+    def __init__(self, max_queue_bytes: int, hang_timeout: float) -> None:
         self.max_queue_bytes = max_queue_bytes
-        self.request_timeout = request_timeout
         self.hang_timeout = hang_timeout
         self.links: dict[Connection, WorkerLink] = {}
         self.parked: deque[tuple[int, asyncio.Future, np.ndarray]] = deque()  # waiting for a worker
         self.no_worker_since = time.monotonic()
-        self._uids = itertools.count(1)
         self._watchdog: asyncio.TimerHandle | None = None
-        self._started = False
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "links": {}, "parked": deque(), "_uids": None, "_watchdog": None}
-
-    async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> None:
-        """Start serving as API server ``consumer_id`` (first call), then park: answers arrive by callbacks."""
-        if not self._started:
-            self._started = True
-            index = int(consumer_id or 0)
-            listener = self.layout.listeners[index]
-            for other in self.layout.listeners:
-                if other is not listener:
-                    other.close()
-            self._uids = itertools.count(1)
-            self.no_worker_since = time.monotonic()
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
-        await asyncio.Event().wait()
-
-    # -- connections ----------------------------------------------------------------------------
-    def _accept(self, listener: socket.socket) -> None:
-        conn = accept(listener)
-        if conn is not None:
-            asyncio.get_running_loop().add_reader(conn.fileno(), self._readable, conn)
-
-    def _readable(self, conn: Connection) -> None:
-        try:
-            bodies = conn.frames()
-        except ChannelClosed:
-            self._lost(conn)
-            return
-        link = self.links.get(conn)
-        for body in bodies:
-            if link is None:  # the first frame is the worker's hello
-                link = self.links[conn] = WorkerLink(conn, int(orjson.loads(body)["worker"]), conn.peer_pid())
-                self._dispatch_parked()
-            else:
-                self._deliver(link, body)
-
-    def _lost(self, conn: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(conn.fileno())
-        loop.remove_writer(conn.fileno())
-        conn.close()
-        link = self.links.pop(conn, None)
-        if link is None:
-            return
-        if not self.links:
-            self.no_worker_since = time.monotonic()
-        if link.pending:
-            logger.error("worker %d (pid %d) is gone; failing its %d requests", link.worker, link.pid,
-                         len(link.pending))
-        for future, _, _ in link.pending.values():
-            if not future.done():
-                future.set_exception(WorkerLost("the inference worker stopped; retry"))
-
-    def _deliver(self, link: WorkerLink, body: bytes) -> None:
-        link.stalled_since = time.monotonic()
-        version, records = parse_replies(body)
-        for uid, status, payload in records:
-            future = link.settle(uid)
-            if future is None or future.done():
-                continue
-            if status == OK:
-                future.set_result(Prediction(payload, version))
-            else:
-                future.set_exception(_ERRORS.get(status, InferenceError)(payload))
-
-    # -- requests -------------------------------------------------------------------------------
-    async def infer(self, values: np.ndarray) -> Prediction:
-        """Send validated rows to a worker and wait for its answer (503 if it dies, 504 past the timeout)."""
-        loop = asyncio.get_running_loop()
-        uid = next(self._uids)  # type: ignore[arg-type]
-        future = loop.create_future()
-        timer = loop.call_later(self.request_timeout, _expire, future,
-                                f"no answer within {self.request_timeout:g} s")
-        values = np.ascontiguousarray(values, dtype=np.float32)
+    def submit(self, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
+        """Send rows to the connected worker with the fewest rows in flight, or park them until one connects.
+        ``Overloaded`` when that worker's (or the parking's) bytes would pass the queue bound."""
         link = self._choose()
-        try:
-            if link is None:
-                if sum(v.nbytes for _, _, v in self.parked) + values.nbytes > self.max_queue_bytes:
-                    raise Overloaded("the request queue is full; retry shortly")
-                self.parked.append((uid, future, values))
-            else:
-                self._send(link, uid, future, values)
-            return await future
-        finally:
-            timer.cancel()
-            for candidate in self.links.values():
-                if uid in candidate.pending:
-                    candidate.settle(uid)
-            if self.parked:
-                self.parked = deque(entry for entry in self.parked if entry[0] != uid)
+        if link is not None:
+            self._send(link, uid, future, values)
+        elif sum(v.nbytes for _, _, v in self.parked) + values.nbytes > self.max_queue_bytes:
+            raise Overloaded("the request queue is full; retry shortly")
+        else:
+            self.parked.append((uid, future, values))
+
+    def forget(self, uid: int) -> None:
+        """Drop a request that was answered, failed or timed out."""
+        for link in self.links.values():
+            if uid in link.pending:
+                link.settle(uid)
+        if self.parked:
+            self.parked = deque(entry for entry in self.parked if entry[0] != uid)
 
     def _choose(self) -> WorkerLink | None:
         best = None
@@ -307,18 +227,30 @@ class Transport(MessageTransport):
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(self.hang_timeout, self._check_hangs)
 
-    def _dispatch_parked(self) -> None:
+    def connected(self, link: WorkerLink) -> None:
+        """A worker connected: it takes the parked requests."""
+        self.links[link.conn] = link
         while self.parked:
             uid, future, values = self.parked.popleft()
-            link = self._choose()
-            if link is None:
-                self.parked.appendleft((uid, future, values))
-                return
             if not future.done():
                 try:
                     self._send(link, uid, future, values)
                 except Overloaded as exc:
                     future.set_exception(exc)
+
+    def lost(self, conn: Connection) -> None:
+        """A worker's connection closed: it died, so exactly its requests fail (503, safe to retry)."""
+        link = self.links.pop(conn, None)
+        if link is None:
+            return
+        if not self.links:
+            self.no_worker_since = time.monotonic()
+        if link.pending:
+            logger.error("worker %d (pid %d) is gone; failing its %d requests", link.worker, link.pid,
+                         len(link.pending))
+        for future, _, _ in link.pending.values():
+            if not future.done():
+                future.set_exception(WorkerLost("the inference worker stopped; retry"))
 
     def _check_hangs(self) -> None:
         """Kill a worker that has held requests for the hang timeout without answering any."""
@@ -335,19 +267,96 @@ class Transport(MessageTransport):
         if next_check is not None:
             self._watchdog = asyncio.get_running_loop().call_later(next_check - now, self._check_hangs)
 
-    # -- health ---------------------------------------------------------------------------------
     def can_serve(self) -> bool:
         """A worker is connected and not being killed for a hang."""
         return any(not link.killed for link in self.links.values())
 
     def stalled_for(self) -> float:
-        """How long this API server has been unable to make progress: requests held by workers that do
-        not answer, or no worker at all (0 when it is making progress)."""
+        """How long requests have waited on workers that do not answer, or how long there has been no
+        worker at all (0 while progress is made)."""
         now = time.monotonic()
         if not self.links:
             return now - self.no_worker_since
-        waits = [now - link.stalled_since for link in self.links.values() if link.pending]
-        return max(waits, default=0.0)
+        return max((now - link.stalled_since for link in self.links.values() if link.pending), default=0.0)
+
+
+class Transport(MessageTransport):
+    """The API server's side of the data plane, in LitServe's transport slot.
+
+    In API server ``i``, LitServe's lifespan task calls :meth:`areceive` with ``i``; from then on the
+    event loop accepts workers' connections and reads their answers, and :meth:`infer` works.
+    """
+
+    def __init__(self, layout: Layout, max_queue_bytes: int, request_timeout: float, hang_timeout: float) -> None:
+        self.layout = layout
+        self.request_timeout = request_timeout
+        self.workers = Dispatcher(max_queue_bytes, hang_timeout)
+        self._uids = itertools.count(1)
+        self._started = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "workers": None, "_uids": None}
+
+    async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> None:
+        """Start serving as API server ``consumer_id`` (first call), then park: answers arrive by callbacks."""
+        if not self._started:
+            self._started = True
+            listener = self.layout.listeners[int(consumer_id or 0)]
+            for other in self.layout.listeners:
+                if other is not listener:
+                    other.close()
+            self._uids = itertools.count(1)
+            self.workers.no_worker_since = time.monotonic()
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+        await asyncio.Event().wait()
+
+    def _accept(self, listener: socket.socket) -> None:
+        conn = accept(listener)
+        if conn is not None:
+            asyncio.get_running_loop().add_reader(conn.fileno(), self._readable, conn)
+
+    def _readable(self, conn: Connection) -> None:
+        try:
+            bodies = conn.frames()
+        except ChannelClosed:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(conn.fileno())
+            loop.remove_writer(conn.fileno())
+            conn.close()
+            self.workers.lost(conn)
+            return
+        for body in bodies:
+            link = self.workers.links.get(conn)
+            if link is None:  # the first frame is the worker's hello
+                self.workers.connected(WorkerLink(conn, int(orjson.loads(body)["worker"]), conn.peer_pid()))
+            else:
+                self._deliver(link, body)
+
+    @staticmethod
+    def _deliver(link: WorkerLink, body: bytes) -> None:
+        link.stalled_since = time.monotonic()
+        version, records = parse_replies(body)
+        for uid, status, payload in records:
+            future = link.settle(uid)
+            if future is None or future.done():
+                continue
+            if status == OK:
+                future.set_result(Prediction(payload, version))
+            else:
+                future.set_exception(_ERRORS.get(status, InferenceError)(payload))
+
+    async def infer(self, values: np.ndarray) -> Prediction:
+        """Send validated rows to a worker and wait for its answer (503 if it dies, 504 past the timeout)."""
+        loop = asyncio.get_running_loop()
+        uid = next(self._uids)  # type: ignore[arg-type]
+        future = loop.create_future()
+        timer = loop.call_later(self.request_timeout, _expire, future, f"no answer within {self.request_timeout:g} s")
+        try:
+            self.workers.submit(uid, future, np.ascontiguousarray(values, dtype=np.float32))
+            return await future
+        finally:
+            timer.cancel()
+            self.workers.forget(uid)
 
     def send(self, item: Any, consumer_id: int) -> None:
         """Unused: workers answer over their own connections."""
