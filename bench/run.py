@@ -57,7 +57,7 @@ from bench.servers import RunningServer, ServerSpec, ServerStartError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-SERVER_NAMES = ("floor", "baseline", "project")
+SERVER_NAMES = ("floor", "baseline", "project", "before")
 REFERENCES = ("floor", "baseline")
 METRICS = ("req_s", "rows_s", "p50_us", "p99_us", "cpu_us_per_req")
 CHECK_ROWS = 3  # rows in the batch request of the pre-flight check
@@ -132,7 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--servers",
         type=name_list,
         default=list(SERVER_NAMES),
-        help="comma list among floor,baseline,project (default all)",
+        help="comma list among floor,baseline,project,before (default all; before only with --before)",
     )
     parser.add_argument(
         "--conns", type=int_list, default=[1, 16, 64], help="connections for the single-row runs (default 1,16,64)"
@@ -156,9 +156,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ready-timeout", type=float, default=60.0, help="seconds to wait for each server's readiness (default 60)"
     )
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a checkout of an earlier commit (git worktree add DIR REV): adds its server as 'before'")
     parser.add_argument("--project-args", default="", help='extra CLI args for the project server, e.g. "--workers 2"')
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
+    if args.before is None:
+        if "before" in args.servers and argv is not None and "--servers" in argv:
+            parser.error("--servers before needs --before DIR")
+        args.servers = [name for name in args.servers if name != "before"]
     args.duration = args.duration or (1 if args.smoke else 5)
     args.rounds = args.rounds or (1 if args.smoke else 3)
     return args
@@ -205,6 +211,15 @@ def server_specs(args: argparse.Namespace) -> dict[str, ServerSpec]:
         "project": ServerSpec(
             "project",
             [py, "-m", "serve", "--host", "{host}", "--port", "{port}", *shlex.split(args.project_args)],
+            env={"SIMPLENN_HOST": "{host}", "SIMPLENN_PORT": "{port}", "SIMPLENN_WEIGHTS": weights},
+            ready_timeout_s=args.ready_timeout,
+        ),
+        # The same server from an earlier checkout, for before/after figures in one run.
+        "before": ServerSpec(
+            "before",
+            [py, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('serve', "
+             "run_name='__main__')", str(args.before), "--host", "{host}", "--port", "{port}",
+             *shlex.split(args.project_args)],
             env={"SIMPLENN_HOST": "{host}", "SIMPLENN_PORT": "{port}", "SIMPLENN_WEIGHTS": weights},
             ready_timeout_s=args.ready_timeout,
         ),

@@ -1,8 +1,10 @@
 """The LitAPI: what each inference worker does with a batch of validated rows.
 
-``setup`` (in the spawned worker, never at import) resolves the device, connects to the supervisor's
-control channel and serves the version the manager names (:mod:`serve.registry`); a thread then
-carries out the manager's later commands. ``batch`` stacks the rows of many requests, ``predict``
+``setup`` (in the spawned worker, never at import) imports torch and the model class, resolves the
+device, connects to the supervisor's control channel, tells it the model's input width, and serves
+the version the manager names (:mod:`serve.registry`); a thread then carries out the manager's later
+commands. This module imports no torch at import time: the supervisor and the API servers, which
+only pickle this object, never load torch. ``batch`` stacks the rows of many requests, ``predict``
 runs one forward pass on one registry snapshot and returns the outputs with the version that
 computed them, ``unbatch`` splits them back per request. The worker's loop is
 :class:`serve.worker.BatchingLoop`.
@@ -14,19 +16,23 @@ import logging
 import os
 import threading
 
+from typing import TYPE_CHECKING, Any
+
 import litserve as ls
 import numpy as np
-import torch
 from litserve.specs.base import LitSpec
 
 from serve.control import ControlClient
-from serve.loader import LoadOptions, resolve_device
 from serve.logs import configure_logging
 from serve.process import detach_worker
-from serve.registry import ModelRegistry, follow_commands
 from serve.settings import Settings
 from serve.transport import Layout
 from serve.worker import BatchingLoop
+
+if TYPE_CHECKING:
+    import torch
+
+    from serve.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +46,27 @@ class ServingAPI(ls.LitAPI):
         self.settings = settings
         self.layout = layout
         self.registry: ModelRegistry | None = None
+        self.torch: Any = None
 
     def setup(self, device: str) -> None:
         """Serve the version the supervisor names on this worker's device, then follow its commands."""
         detach_worker()  # the supervisor coordinates shutdown
         configure_logging(self.settings.log_level)
+        import torch
+
+        from serve.loader import LoadOptions, import_model_class, input_features, resolve_device
+        from serve.registry import ModelRegistry, follow_commands
+
+        self.torch = torch
         worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         client = ControlClient(self.layout.control, "worker", worker_id)
         try:
+            in_features = input_features(import_model_class(self.settings.model_class))
             target = resolve_device(self.settings.device, assigned=device)
-        except ValueError as exc:
-            client.send({"t": "rejected", "version": None, "error": str(exc), "reason": "device"})
+        except ValueError as exc:  # nothing this worker could serve: the server does not start
+            client.send({"t": "rejected", "version": None, "error": str(exc), "reason": "setup"})
             raise SystemExit(3) from None
+        client.send({"t": "model", "in_features": in_features})
         if target.type == "cpu":
             torch.set_num_threads(1)  # tiny models: intra-op threads cost more than they give
         options = LoadOptions(self.settings.model_class, target, self.settings.compile,
@@ -61,6 +76,8 @@ class ServingAPI(ls.LitAPI):
         threading.Thread(target=self._follow, args=(client,), name="control", daemon=True).start()
 
     def _follow(self, client: ControlClient) -> None:
+        from serve.registry import follow_commands
+
         assert self.registry is not None
         try:
             follow_commands(client, self.registry)
@@ -69,14 +86,14 @@ class ServingAPI(ls.LitAPI):
 
     def batch(self, inputs: list[np.ndarray]) -> torch.Tensor:
         """Stack the rows of many requests into one (rows, features) tensor."""
-        return torch.from_numpy(np.concatenate(inputs))
+        return self.torch.from_numpy(np.concatenate(inputs))
 
     def predict(self, x: torch.Tensor) -> tuple[np.ndarray, str]:
         """One forward pass on one snapshot of the live model; returns (outputs, its version)."""
         assert self.registry is not None
         model = self.registry.current  # one read: the whole batch uses this version
         assert model is not None
-        with torch.inference_mode():
+        with self.torch.inference_mode():
             y = model.module(x.to(model.device, non_blocking=True))
         return y.float().cpu().numpy().reshape(len(x), -1), model.version
 

@@ -74,9 +74,11 @@ class _NoManager:
 class AdaptedLitServer(ls.LitServer):
     """A ``LitServer`` whose transport, worker supervision and API-server start are ours."""
 
-    def __init__(self, lit_api: ls.LitAPI, transport: Transport, supervisor: Supervisor, **kwargs: Any) -> None:
+    def __init__(self, lit_api: ls.LitAPI, transport: Transport, supervisor: Supervisor,
+                 on_started: Callable[[], None], **kwargs: Any) -> None:
         self.fast_transport = transport
         self.supervisor = supervisor
+        self.on_started = on_started
         super().__init__(lit_api, **kwargs)
         self._api_servers: dict[int, Any] = {}
         self._uvicorn_args: tuple = ()
@@ -105,6 +107,7 @@ class AdaptedLitServer(ls.LitServer):
 
     def verify_worker_status(self) -> None:
         self.supervisor.wait_started(self.inference_workers)
+        self.on_started()
         lit_api = next(iter(self.litapi_connector))
         self.supervisor.supervise("inference worker", lambda i: self.launch_single_inference_worker(lit_api, i),
                                   self.inference_workers)

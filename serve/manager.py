@@ -52,6 +52,7 @@ class Fleet:
         self.last_reload: dict[str, Any] | None = None
         self.draining = False
         self.versions: tuple[str | None, str | None, str | None] = (None, None, None)  # served, previous, origin
+        self.in_features: int | None = None  # the model's input width, as the first worker reports it
 
     def join(self, peer: Peer) -> None:
         (self.apis if peer.role == "api" else self.workers)[peer.id] = peer
@@ -162,6 +163,8 @@ class VersionManager:
             if self.served is not None and self.fleet.count_serving(self.served.id) >= self.expected_workers:
                 self.startup.event.set()
             self.fleet.publish()
+        elif kind == "model":
+            self.fleet.in_features = int(message["in_features"])
         elif kind == "rejected":
             self._on_rejected(peer, version, str(message.get("error")), str(message.get("reason")))
 
@@ -227,7 +230,7 @@ class VersionManager:
         self.on_candidates(self.seen)
 
     def _on_rejected(self, peer: Peer, version: str | None, error: str, reason: str) -> None:
-        if version is None:  # the worker cannot serve at all (no such device)
+        if version is None:  # the worker cannot serve at all (no such device, no such model class)
             self.startup.fail(error)
             logger.error("worker %d: %s", peer.id, error)
         elif self.staging is not None and version == self.staging.id:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,6 @@ from litserve.specs.base import LitSpec
 from serve.api import ServingAPI
 from serve.errors import install_error_handlers
 from serve.litserve_adapter import AdaptedLitServer
-from serve.loader import import_model_class, input_features
 from serve.logs import configure_logging
 from serve.process import supervise_forked_children
 from serve.protocols import NativeProtocol, ServingContext, register_protocols
@@ -50,30 +51,46 @@ class RoutesSpec(LitSpec):
         return output
 
 
+def litserve_accelerator(device: str) -> str:
+    """LitServe's accelerator for ``SIMPLENN_DEVICE``, chosen without importing torch (LitServe's ``auto``
+    imports it, in this process, to look for Apple's MPS): ``cuda`` when ``nvidia-smi`` lists a GPU and
+    the device is not ``cpu``, else ``cpu`` (a worker then explains a ``cuda`` setting it cannot honour)."""
+    if device == "cpu" or shutil.which("nvidia-smi") is None:
+        return "cpu"
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    return "cuda" if any(line.startswith("GPU") for line in listed.splitlines()) else "cpu"
+
+
 class SimpleNNServer:
     """One server: its settings, channels, supervisor and the LitServer that runs them."""
 
     def __init__(self, settings: Settings, state_dir: Path) -> None:
         self.settings = settings
-        try:
-            schema = RowSchema(input_features(import_model_class(settings.model_class)), settings.max_rows)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from None
-        api_servers = settings.resolved_api_servers()
-        layout = Layout(state_dir, api_servers)
-        transport = Transport(layout, settings.max_queue_bytes, settings.request_timeout_s, settings.hang_timeout_s)
+        layout = Layout(state_dir, settings.resolved_api_servers())
+        self.transport = Transport(layout, settings.max_queue_bytes, settings.request_timeout_s,
+                                   settings.hang_timeout_s)
         self.supervisor = Supervisor(settings, layout)
-        self.view = ServerView(settings.model_name, layout, transport,
+        self.view = ServerView(settings.model_name, layout, self.transport,
                                settings.hang_timeout_s + settings.worker_start_timeout_s)
         self.lit_server = AdaptedLitServer(
-            ServingAPI(settings, layout, RoutesSpec()), transport, self.supervisor,
-            accelerator="cpu" if settings.device == "cpu" else "auto", workers_per_device=settings.workers,
+            ServingAPI(settings, layout, RoutesSpec()), self.transport, self.supervisor, self._add_routes,
+            accelerator=litserve_accelerator(settings.device), workers_per_device=settings.workers,
             timeout=settings.request_timeout_s, restart_workers=True)
-        app = self.lit_server.app
-        install_error_handlers(app)
-        protocols = register_protocols(app, ServingContext(settings.model_name, schema, transport,
-                                                           settings.max_body_bytes, self.view.ready, self.view.status))
-        register_operational_routes(app, settings, self.view)
+        install_error_handlers(self.lit_server.app)
+        register_operational_routes(self.lit_server.app, settings, self.view)
+
+    def _add_routes(self) -> None:
+        """Once the workers serve (the first reported the model's input width; this process never imports
+        torch): the protocol routes, and our middleware around FastAPI's stack. Before any API server forks."""
+        settings = self.settings
+        in_features = self.supervisor.manager.fleet.in_features
+        assert in_features is not None
+        context = ServingContext(settings.model_name, RowSchema(in_features, settings.max_rows), self.transport,
+                                 settings.max_body_bytes, self.view.ready, self.view.status)
+        protocols = register_protocols(self.lit_server.app, context)
         self.lit_server.replace_routes_and_middleware(
             lambda stack: RequestMiddleware(protocols.wrap(stack), settings, self._on_api_server_start),
             drop_paths=("/", "/health", "/info"))

@@ -79,6 +79,27 @@ def test_hostile_weights_stop_startup_with_one_clear_line(start_server, tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("env, words", [
+    ({"SIMPLENN_MODEL_CLASS": "models.simple_nn:NoSuchNet"}, "NoSuchNet"),
+    ({"SIMPLENN_MODEL_CLASS": "tests.user_models:NotAModule"}, "not a torch.nn.Module subclass"),
+    ({"SIMPLENN_DEVICE": "cuda:7"}, "SIMPLENN_DEVICE=cuda:7"),
+])
+def test_a_worker_that_cannot_serve_stops_startup_with_its_reason(start_server, env: dict, words: str) -> None:
+    server = start_server(env=env, ready=False)
+    assert server.wait_exit(60) == 1
+    lines = [line for line in server.log().splitlines() if line.startswith("simplenn-serve: cannot start")]
+    assert len(lines) == 1 and words in lines[0], server.log()[-2000:]
+
+
+def test_only_the_inference_workers_load_torch(server) -> None:
+    """The supervisor and the API servers never import torch: they cost tens of MiB, not hundreds."""
+    tree = _tree(server.proc.pid)
+    loads_torch = {pid: "libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in tree}
+    workers = {pid for pid in tree if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")}
+    assert workers and all(loads_torch[pid] for pid in workers)
+    assert not any(loads for pid, loads in loads_torch.items() if pid not in workers), loads_torch
+
+
 def test_bad_setting_exits_2_naming_it() -> None:
     env = {**os.environ, "SIMPLENN_MAX_BATCH_SIZE": "0"}
     result = subprocess.run([sys.executable, "-m", "serve", "--port", "99999"], cwd=ROOT, env=env,

@@ -12,3 +12,7 @@ class SlowSimpleNN(SimpleNN):
     def forward(self, x):
         time.sleep(float(os.environ.get("SLOW_FORWARD_S", "0.5")))
         return super().forward(x)
+
+
+class NotAModule:
+    """Not an ``nn.Module``: the server must refuse to start with it."""
