@@ -123,50 +123,35 @@ class VersionManager:
         self.staging: Version | None = None
         self.waiting: set[int] = set()  # workers that have not answered the staging load yet
         self.loaded_by: set[int] = set()
-        self.rejected: dict[tuple, str] = {}
+        self.known_bad: dict[tuple, str] = {}  # fingerprint -> why it was rejected
         self.seen: list[Candidate] = []
         self.startup = StartupGate()
         self.rescan_requested = threading.Event()
 
-    # -- the hub's callbacks --------------------------------------------------------------------
-    def on_hello(self, peer: Peer) -> None:
-        self.fleet.join(peer)
-        if peer.role != "worker":
-            return
+    # -- what the workers say (through ControlRouter) -------------------------------------------
+    def worker_joined(self, peer: Peer) -> None:
+        """A (new or replacement) worker asks what to serve: the version its peers serve."""
         if self.served is not None:
             peer.send(self.served.command("serve"))
         if self.staging is not None:
             peer.send(self.staging.command("serve" if self.served is None else "load"))
             self.waiting.add(peer.id)
-        self.fleet.publish()
 
-    def on_closed(self, peer: Peer) -> None:
-        if self.fleet.leave(peer) and peer.role == "worker":
-            self.waiting.discard(peer.id)
-            self._maybe_commit()
-            self.fleet.publish()
+    def worker_left(self, peer: Peer) -> None:
+        self.waiting.discard(peer.id)
+        self._maybe_commit()
 
-    def on_message(self, peer: Peer, message: dict[str, Any]) -> None:
-        kind, version = message.get("t"), message.get("version")
-        if kind == "rescan":
-            self.rescan()
-        elif kind == "rollback":
-            self.rollback()
-        elif kind == "loaded" and self.staging is not None and version == self.staging.id:
+    def loaded(self, peer: Peer, version: str) -> None:
+        if self.staging is not None and version == self.staging.id:
             self.waiting.discard(peer.id)
             self.loaded_by.add(peer.id)
             self._maybe_commit()
-        elif kind == "serving":
-            self.fleet.serving(peer, version, message.get("loaded_at"))
-            if self.served is None and self.staging is not None and version == self.staging.id:
-                self._commit(broadcast=False)
-            if self.served is not None and self.fleet.count_serving(self.served.id) >= self.expected_workers:
-                self.startup.event.set()
-            self.fleet.publish()
-        elif kind == "model":
-            self.fleet.in_features = int(message["in_features"])
-        elif kind == "rejected":
-            self._on_rejected(peer, version, str(message.get("error")), str(message.get("reason")))
+
+    def serving(self, peer: Peer, version: str) -> None:
+        if self.served is None and self.staging is not None and version == self.staging.id:
+            self._commit(broadcast=False)
+        if self.served is not None and self.fleet.count_serving(self.served.id) >= self.expected_workers:
+            self.startup.event.set()
 
     # -- decisions ------------------------------------------------------------------------------
     def on_candidates(self, candidates: list[Candidate]) -> None:
@@ -175,7 +160,7 @@ class VersionManager:
         if self.staging is not None:
             return  # decided again when the staging version is committed or rejected
         for candidate in candidates:
-            if candidate.fingerprint in self.rejected:
+            if candidate.fingerprint in self.known_bad:
                 continue
             if self.served is not None and candidate.fingerprint == self.served.fingerprint:
                 return
@@ -191,7 +176,7 @@ class VersionManager:
             return
         if self.served is None:
             first = candidates[0].fingerprint if candidates else None
-            self.startup.fail(self.rejected.get(first, "no servable weights"))
+            self.startup.fail(self.known_bad.get(first, "no servable weights"))
 
     def _stage(self, version: Version) -> None:
         self.staging, self.loaded_by = version, set()
@@ -229,7 +214,7 @@ class VersionManager:
         self.store.keep_only(self.served, self.previous)
         self.on_candidates(self.seen)
 
-    def _on_rejected(self, peer: Peer, version: str | None, error: str, reason: str) -> None:
+    def rejected(self, peer: Peer, version: str | None, error: str, reason: str) -> None:
         if version is None:  # the worker cannot serve at all (no such device, no such model class)
             self.startup.fail(error)
             logger.error("worker %d: %s", peer.id, error)
@@ -244,14 +229,14 @@ class VersionManager:
             self.fleet.kill(peer)
 
     def _reject(self, fingerprint: tuple, error: str, reason: str) -> None:
-        self.rejected[fingerprint] = error
+        self.known_bad[fingerprint] = error
         metrics.RELOADS.labels(result="failed", reason=reason).inc()
         logger.warning("rejected: %s", error)
         self.fleet.record("failed", None, error, reason)
 
     def rescan(self) -> None:
         """Look at the weights now (admin reload, SIGHUP): files known to be bad get one more try."""
-        self.rejected.clear()
+        self.known_bad.clear()
         self.rescan_requested.set()
 
     def rollback(self) -> bool:
@@ -272,6 +257,41 @@ class VersionManager:
     def set_draining(self) -> None:
         self.fleet.draining = True
         self.fleet.publish()
+
+
+class ControlRouter:
+    """The control hub's handler: keeps the fleet's records and passes what matters to the manager."""
+
+    def __init__(self, manager: VersionManager) -> None:
+        self.manager, self.fleet = manager, manager.fleet
+
+    def on_hello(self, peer: Peer) -> None:
+        self.fleet.join(peer)
+        if peer.role == "worker":
+            self.manager.worker_joined(peer)
+            self.fleet.publish()
+
+    def on_closed(self, peer: Peer) -> None:
+        if self.fleet.leave(peer) and peer.role == "worker":
+            self.manager.worker_left(peer)
+            self.fleet.publish()
+
+    def on_message(self, peer: Peer, message: dict[str, Any]) -> None:
+        kind, version = message.get("t"), message.get("version")
+        if kind == "rescan":
+            self.manager.rescan()
+        elif kind == "rollback":
+            self.manager.rollback()
+        elif kind == "model":
+            self.fleet.in_features = int(message["in_features"])
+        elif kind == "loaded":
+            self.manager.loaded(peer, str(version))
+        elif kind == "serving":
+            self.fleet.serving(peer, str(version), message.get("loaded_at"))
+            self.manager.serving(peer, str(version))
+            self.fleet.publish()
+        elif kind == "rejected":
+            self.manager.rejected(peer, version, str(message.get("error")), str(message.get("reason")))
 
 
 class SourceFollower:

@@ -20,7 +20,7 @@ from typing import Any
 from serve import metrics
 from serve.control import Hub
 from serve.errors import WeightsNotFoundError
-from serve.manager import SourceFollower, VersionManager
+from serve.manager import ControlRouter, SourceFollower, VersionManager
 from serve.settings import Settings
 from serve.source import WeightsSource
 from serve.transport import Layout
@@ -93,7 +93,7 @@ class Supervisor:
             source.close()
             raise StartupError(exc.message) from None
         self.layout.listen()
-        self.hub = self.manager.hub = Hub(self.layout.control, self.manager)
+        self.hub = self.manager.hub = Hub(self.layout.control, ControlRouter(self.manager))
         self.hub.start()
         self.hub.call_soon(lambda: self.manager.on_candidates(candidates))
         SourceFollower(source, self.manager, self.hub).start(candidates)
