@@ -78,7 +78,7 @@ _VERSION_NAME = re.compile(r"[0-9]+")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 _MIN_SETTLE_TIMEOUT_S = 30.0  # see the module docstring: when a never-settling file stops blocking others
-_STOP_CHECK_S = 0.05          # how often a waiting wait_for_change looks at its stop event
+_STOP_CHECK_S = 0.25          # how often a waiting wait_for_change looks at its stop event (idle cost)
 _WATCH_STEP_MS = 50           # watchfiles: quiet time before a batch of events is reported
 _WATCH_DEBOUNCE_MS = 200      # watchfiles: longest a batch of events is held back
 _WATCH_REARM_CHECK_MS = 1000  # how often the watcher re-checks which directories it should watch
@@ -237,7 +237,7 @@ class WeightsSource:
         """Block until the settled candidates differ from `previous` (by fingerprint, in order); return them.
 
         Never returns an empty list: while nothing is servable it keeps waiting. Returns None as soon
-        as `stop` is set (checked every 50 ms) or the source is closed. Never raises for files that
+        as `stop` is set (checked every 250 ms) or the source is closed. Never raises for files that
         vanish or cannot be resolved; those are skipped and logged.
         """
         wanted_change_from = _fingerprints(previous)
