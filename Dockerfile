@@ -2,7 +2,7 @@
 #
 #   docker build -t simplenn-serve .                                          # CPU build (default)
 #   docker build --build-arg TORCH_VARIANT=cuda -t simplenn-serve:cuda .      # CUDA build (run with --gpus all)
-#   docker run --read-only --tmpfs /tmp --tmpfs /var/lib/simplenn -p 8000:8000 \
+#   docker run --read-only --tmpfs /tmp --tmpfs /var/lib/simplenn -p 8000:8000 -p 8001:8001 \
 #       -v "$PWD/weights:/weights:ro" simplenn-serve
 #
 # Build arguments (docs/deploy.md has the details):
@@ -15,7 +15,8 @@
 #                    offline builds. Wheels in deploy/wheelhouse/ are always offered to pip
 #                    (with PIP_NO_INDEX=1 they are the only source).
 #
-# Runtime contract: listens on SIMPLENN_HOST=0.0.0.0, SIMPLENN_PORT=8000; serves the weights under /weights
+# Runtime contract: listens on SIMPLENN_HOST=0.0.0.0, SIMPLENN_PORT=8000 (HTTP) and SIMPLENN_GRPC_PORT=8001
+# (gRPC: Open Inference Protocol and grpc.health.v1; 0 turns it off); serves the weights under /weights
 # (replace a file by rename, or add a numbered version directory, and every process hot-reloads); writes
 # only to /var/lib/simplenn (SIMPLENN_STATE_DIR) and /tmp; runs as uid:gid 10001:10001; SIGTERM drains.
 
@@ -103,6 +104,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     SIMPLENN_HOST=0.0.0.0 \
     SIMPLENN_PORT=8000 \
+    SIMPLENN_GRPC_PORT=8001 \
     SIMPLENN_WEIGHTS=/weights \
     SIMPLENN_STATE_DIR=/var/lib/simplenn \
     TMPDIR=/tmp
@@ -113,7 +115,7 @@ LABEL org.opencontainers.image.title="simplenn-serve" \
 
 WORKDIR /opt/app
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 # The server drains on SIGTERM (SIMPLENN_DRAIN_S), finishes in-flight requests and exits 0: give
 # `docker stop -t` (Kubernetes: terminationGracePeriodSeconds) at least drain + the longest request.
 STOPSIGNAL SIGTERM

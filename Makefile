@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX = $(shell $(PY) requirements/torch_index.py $(PIP) $(TORCH_CPU_INDEX))
 INSTALL = $(strip $(PIP) install --quiet --disable-pip-version-check -c requirements/cpu.txt $(TORCH_INDEX))
 
-.PHONY: serve test install install-test bench
+.PHONY: serve test install install-test bench grpc-stubs
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -28,5 +28,10 @@ serve: install   ## start the server on the shipped weights (http://127.0.0.1:80
 test: install-test   ## run every test
 	$(VENV)/bin/python -m pytest -q --durations=15
 
-bench: install-test   ## the side-by-side benchmark (not part of the tests)
-	$(VENV)/bin/python bench/run.py
+bench: install-test   ## the side-by-side benchmark, HTTP and gRPC (not part of the tests)
+	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null) \
+	  || (echo "the gRPC benchmark needs h2load: apt-get install nghttp2-client" && exit 1)
+	$(VENV)/bin/python bench/run.py --grpc
+
+grpc-stubs: install-test   ## regenerate serve/grpc_gen's stubs from its .proto files (checked in)
+	$(VENV)/bin/python -m serve.grpc_gen.generate

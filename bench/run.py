@@ -8,7 +8,10 @@ with SIGTERM then SIGKILL even on error):
 * ``baseline`` - plain FastAPI + pydantic, SimpleNN computed in-process per request under
   ``torch.inference_mode()``, one uvicorn process, same weights and wire format as the project;
 * ``project``  - the project server, ``python -m serve --host 127.0.0.1 --port P``, ready when
-  ``GET /health/ready`` answers 200.
+  ``GET /health/ready`` answers 200;
+* ``grpc``     - with ``--grpc``: the same project server over its gRPC port (Open Inference Protocol
+  ``ModelInfer``, raw FP32), loaded by h2load instead of wrk (``bench/grpcload.py``); "conns" are
+  concurrent streams.
 
 What is measured, with wrk (keep-alive, ``bench/post.lua``), each run bounded to ``--duration``:
 
@@ -52,12 +55,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: import bench, models
 
-from bench import loadgen, report
+from bench import grpcload, loadgen, report
 from bench.servers import RunningServer, ServerSpec, ServerStartError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-SERVER_NAMES = ("floor", "baseline", "project", "before")
+SERVER_NAMES = ("floor", "baseline", "project", "grpc", "before")
 REFERENCES = ("floor", "baseline")
 METRICS = ("req_s", "rows_s", "p50_us", "p99_us", "cpu_us_per_req")
 CHECK_ROWS = 3  # rows in the batch request of the pre-flight check
@@ -132,8 +135,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--servers",
         type=name_list,
         default=list(SERVER_NAMES),
-        help="comma list among floor,baseline,project,before (default all; before only with --before)",
+        help="comma list among floor,baseline,project,grpc,before (default all; grpc only with --grpc, "
+        "before only with --before)",
     )
+    parser.add_argument("--grpc", action="store_true",
+                        help="also measure the project server over gRPC with h2load, as server 'grpc'")
     parser.add_argument(
         "--conns", type=int_list, default=[1, 16, 64], help="connections for the single-row runs (default 1,16,64)"
     )
@@ -165,6 +171,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if "before" in args.servers and argv is not None and "--servers" in argv:
             parser.error("--servers before needs --before DIR")
         args.servers = [name for name in args.servers if name != "before"]
+    if args.grpc:
+        args.servers = [name for name in SERVER_NAMES if name in {*args.servers, "grpc"}]
+    elif not (argv is not None and "--servers" in argv):
+        args.servers = [name for name in args.servers if name != "grpc"]
+    if "grpc" in args.servers and "project" not in args.servers:
+        parser.error("grpc measures the project server: add project to --servers")
     args.duration = args.duration or (1 if args.smoke else 5)
     args.rounds = args.rounds or (1 if args.smoke else 3)
     return args
@@ -211,7 +223,8 @@ def server_specs(args: argparse.Namespace) -> dict[str, ServerSpec]:
         "project": ServerSpec(
             "project",
             [py, "-m", "serve", "--host", "{host}", "--port", "{port}", *shlex.split(args.project_args)],
-            env={"SIMPLENN_HOST": "{host}", "SIMPLENN_PORT": "{port}", "SIMPLENN_WEIGHTS": weights},
+            env={"SIMPLENN_HOST": "{host}", "SIMPLENN_PORT": "{port}", "SIMPLENN_GRPC_PORT": "{grpc_port}",
+                 "SIMPLENN_WEIGHTS": weights},
             ready_timeout_s=args.ready_timeout,
         ),
         # The same server from an earlier checkout, for before/after figures in one run.
@@ -245,7 +258,7 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def collect_meta(args: argparse.Namespace, wrk: str, scenarios: list[Scenario]) -> dict[str, Any]:
+def collect_meta(args: argparse.Namespace, wrk: str, scenarios: list[Scenario], h2load: str | None) -> dict[str, Any]:
     """The header of the report: when, where, how."""
     import torch
 
@@ -258,6 +271,7 @@ def collect_meta(args: argparse.Namespace, wrk: str, scenarios: list[Scenario]) 
         "python": platform.python_version(),
         "torch": torch.__version__,
         "wrk": loadgen.wrk_version(wrk),
+        "h2load": grpcload.h2load_version(h2load) if h2load else None,
         "uvicorn_flags": uvicorn_fast_flags(),
         "duration_s": args.duration,
         "rounds": args.rounds,
@@ -340,24 +354,29 @@ def preflight(
     wrk: str,
     warmup_body: Path,
     warmup_s: int,
+    grpc_load: grpcload.GrpcLoad | None = None,
 ) -> None:
-    """Check every server's replies (and project vs baseline outputs), then warm it up with wrk."""
+    """Check every server's replies (and project's and grpc's vs baseline outputs), then warm it up."""
     for name, server in servers.items():
-        info[name]["check"] = check_server(server)
+        info[name]["check"] = grpcload.check(server, (1, CHECK_ROWS)) if name == "grpc" else check_server(server)
         if not info[name]["check"]["ok"]:
             print(f"!! {name}: {info[name]['check']['detail']}", file=sys.stderr)
         try:
-            loadgen.run_wrk(wrk, server.url("/predict"), warmup_body, conns=4, duration_s=warmup_s)
-        except loadgen.WrkError as exc:
+            if name == "grpc" and grpc_load is not None:
+                grpc_load.run(server, rows=1, streams=4, duration_s=warmup_s)
+            else:
+                loadgen.run_wrk(wrk, server.url("/predict"), warmup_body, conns=4, duration_s=warmup_s)
+        except (loadgen.WrkError, grpcload.H2loadError) as exc:
             print(f"!! {name}: warm-up failed: {exc}", file=sys.stderr)
-    if "project" in servers and "baseline" in servers:
-        ours, theirs = info["project"]["check"]["outputs"], info["baseline"]["check"]["outputs"]
-        agree = len(ours) == len(theirs) > 0 and all(
-            abs(a - b) <= AGREE_TOLERANCE for a, b in zip(ours, theirs, strict=True)
-        )
-        info["project"]["check"]["agrees_with_baseline"] = agree
-        if not agree:
-            print(f"!! project outputs {ours} differ from baseline {theirs}", file=sys.stderr)
+    for name in ("project", "grpc"):
+        if name in servers and "baseline" in servers:
+            ours, theirs = info[name]["check"]["outputs"], info["baseline"]["check"]["outputs"]
+            agree = len(ours) == len(theirs) > 0 and all(
+                abs(a - b) <= AGREE_TOLERANCE for a, b in zip(ours, theirs, strict=True)
+            )
+            info[name]["check"]["agrees_with_baseline"] = agree
+            if not agree:
+                print(f"!! {name} outputs {ours} differ from baseline {theirs}", file=sys.stderr)
 
 
 def measure(
@@ -368,19 +387,23 @@ def measure(
     wrk: str,
     duration_s: int,
     round_no: int,
+    grpc_load: grpcload.GrpcLoad | None = None,
 ) -> Measurement:
-    """One wrk run against ``server``, with the CPU its process tree used meanwhile."""
-    m = Measurement(
-        round=round_no, server=server.spec.name, scenario=scenario.id, rows=scenario.rows, conns=scenario.conns
-    )
+    """One wrk run against ``server`` (an h2load run over gRPC with ``grpc_load``), with the CPU its process
+    tree used meanwhile."""
+    name = "grpc" if grpc_load is not None else server.spec.name
+    m = Measurement(round=round_no, server=name, scenario=scenario.id, rows=scenario.rows, conns=scenario.conns)
     if not server.alive():
         m.failure = f"server exited; log tail:\n{server.log_tail()}"
         return m
     cpu_before = server.cpu_seconds()
     background_before = sum(o.cpu_seconds() for o in others if o.alive())
     try:
-        result = loadgen.run_wrk(wrk, server.url("/predict"), body, scenario.conns, duration_s)
-    except loadgen.WrkError as exc:
+        if grpc_load is not None:
+            result = grpc_load.run(server, scenario.rows, scenario.conns, duration_s)
+        else:
+            result = loadgen.run_wrk(wrk, server.url("/predict"), body, scenario.conns, duration_s)
+    except (loadgen.WrkError, grpcload.H2loadError) as exc:
         m.failure = str(exc)
         return m
     if not server.alive():
@@ -406,6 +429,7 @@ def run_rounds(
     wrk: str,
     duration_s: int,
     rounds: int,
+    grpc_load: grpcload.GrpcLoad | None = None,
 ) -> list[Measurement]:
     """Every round: for each scenario, each server back to back (order rotates by round)."""
     names = list(servers)
@@ -415,8 +439,9 @@ def run_rounds(
         order = names[shift:] + names[:shift]
         for scenario in scenarios:
             for name in order:
-                others = [s for n, s in servers.items() if n != name]
-                m = measure(servers[name], others, scenario, bodies[scenario.rows], wrk, duration_s, round_no)
+                others = [s for s in {id(s): s for s in servers.values()}.values() if s is not servers[name]]
+                m = measure(servers[name], others, scenario, bodies[scenario.rows], wrk, duration_s, round_no,
+                            grpc_load if name == "grpc" else None)
                 measurements.append(m)
                 print(
                     f"round {round_no + 1}/{rounds} {scenario.id:>13} {name:>8}: "
@@ -495,15 +520,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except loadgen.WrkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        h2load = grpcload.find_h2load() if "grpc" in args.servers else None
+    except grpcload.H2loadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     scenarios = build_scenarios(args.conns, args.rows, args.rows_conns)
-    meta = collect_meta(args, wrk, scenarios)
+    meta = collect_meta(args, wrk, scenarios, h2load)
     specs = server_specs(args)
     os.chdir(REPO_ROOT)  # servers import bench.* / serve / models from the repository root
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="simplenn-bench-") as tmp, ExitStack() as stack:
         bodies = write_bodies(Path(tmp), {s.rows for s in scenarios})
-        servers, info = start_servers([specs[n] for n in args.servers], Path(tmp), stack)
-        preflight(servers, info, wrk, bodies[1], warmup_s=1)
-        measurements = run_rounds(servers, scenarios, bodies, wrk, args.duration, args.rounds)
+        servers, info = start_servers([specs[n] for n in args.servers if n != "grpc"], Path(tmp), stack)
+        grpc_load = None
+        if h2load is not None and "project" in servers:
+            grpc_load = grpcload.GrpcLoad(h2load, grpcload.write_bodies(Path(tmp), {1, *bodies}), Path(tmp))
+            started = {**servers, "grpc": servers["project"]}  # the same process, measured over gRPC
+            servers = {name: started[name] for name in args.servers if name in started}
+            info["grpc"] = {**info["project"], "command": f"{h2load} -> the project's gRPC port"}
+        preflight(servers, info, wrk, bodies[1], warmup_s=1, grpc_load=grpc_load)
+        measurements = run_rounds(servers, scenarios, bodies, wrk, args.duration, args.rounds, grpc_load)
     result = {
         "meta": meta,
         "servers": info,

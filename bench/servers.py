@@ -30,7 +30,7 @@ class ServerStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """How to start one server. ``{host}`` and ``{port}`` in argv and env values are filled in."""
+    """How to start one server. ``{host}``, ``{port}`` and ``{grpc_port}`` in argv and env values are filled in."""
 
     name: str
     argv: list[str]
@@ -103,6 +103,7 @@ class RunningServer:
     def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
         self.spec = spec
         self.port = free_port()
+        self.grpc_port = free_port()  # SIMPLENN_GRPC_PORT unless the spec says: parallel servers never share 8001
         self.log_path = log_dir / f"{spec.name}.log"
         self.startup_s: float | None = None
         self._began = 0.0
@@ -117,12 +118,14 @@ class RunningServer:
         return self._proc.pid
 
     def _fill(self, text: str) -> str:
-        return text.replace("{host}", HOST).replace("{port}", str(self.port))
+        filled = text.replace("{host}", HOST).replace("{port}", str(self.port))
+        return filled.replace("{grpc_port}", str(self.grpc_port))
 
     def launch(self) -> None:
         """Start the process in a new session (its own process group); do not wait."""
         argv = [self._fill(arg) for arg in self.spec.argv]
-        env = {**os.environ, **{k: self._fill(v) for k, v in self.spec.env.items()}}
+        env = {**os.environ, "SIMPLENN_GRPC_PORT": str(self.grpc_port),
+               **{k: self._fill(v) for k, v in self.spec.env.items()}}
         self._began = time.monotonic()
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(

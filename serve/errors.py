@@ -3,6 +3,8 @@
 Request errors are raised in the API server (validation, limits, routing) or come back from an
 inference worker; weights errors stop startup or reject a hot reload. Every HTTP answer that is not a
 success is built by :func:`error_response`, so the body shape and the status codes live here only.
+Each error also names its gRPC status code (``grpc_code``, a ``grpc.StatusCode`` name), which
+:mod:`serve.grpc_protocol` answers with: the one mapping for both protocols.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 class ServeError(Exception):
-    """Base of every error the server answers with; ``status_code`` is the HTTP status."""
+    """Base of every error the server answers with; ``status_code`` is the HTTP status, ``grpc_code`` the
+    gRPC one. A client's mistake is never 500 nor INTERNAL."""
 
     status_code = 500
+    grpc_code = "INTERNAL"
     headers: dict[str, str] = {}
 
     def __init__(self, message: str) -> None:
@@ -32,6 +36,7 @@ class InvalidInput(ServeError):
     """The body parsed but its content is wrong: keys, row length, types, non-finite numbers, row count."""
 
     status_code = 422
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class BadInput(InvalidInput):
@@ -41,27 +46,31 @@ class BadInput(InvalidInput):
 
 
 class MalformedRequest(ServeError):
-    """The body is not JSON, or the request is otherwise unusable as sent."""
+    """The body is not JSON (or not the gRPC message), or the request is otherwise unusable as sent."""
 
     status_code = 400
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class PayloadTooLarge(ServeError):
     """The body is larger than ``SIMPLENN_MAX_BODY_BYTES``."""
 
     status_code = 413
+    grpc_code = "RESOURCE_EXHAUSTED"  # what gRPC itself answers past its max receive message length
 
 
 class UnsupportedMediaType(ServeError):
     """The request's Content-Type is not ``application/json``."""
 
     status_code = 415
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class Unauthorized(ServeError):
     """A management route was called without the right bearer token."""
 
     status_code = 401
+    grpc_code = "UNAUTHENTICATED"
     headers = {"WWW-Authenticate": "Bearer"}
 
 
@@ -69,12 +78,14 @@ class ModelNotFound(ServeError):
     """The request names a model or version this server does not serve."""
 
     status_code = 404
+    grpc_code = "NOT_FOUND"
 
 
 class NotReady(ServeError):
     """The server is starting or draining and takes no new work."""
 
     status_code = 503
+    grpc_code = "UNAVAILABLE"
     headers = {"Retry-After": "1"}
 
 
@@ -82,12 +93,14 @@ class NotLive(ServeError):
     """The server has made no progress for too long; the orchestrator should restart it."""
 
     status_code = 503
+    grpc_code = "UNAVAILABLE"
 
 
 class Overloaded(ServeError):
     """The request queue is full; the client should retry later."""
 
     status_code = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
     headers = {"Retry-After": "1"}
 
 
@@ -95,6 +108,7 @@ class WorkerLost(ServeError):
     """The inference worker holding the request died; it is being replaced. Safe to retry."""
 
     status_code = 503
+    grpc_code = "UNAVAILABLE"
     headers = {"Retry-After": "1"}
 
 
@@ -102,6 +116,7 @@ class RequestTimeout(ServeError):
     """No inference worker answered within ``SIMPLENN_REQUEST_TIMEOUT_S``."""
 
     status_code = 504
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class InferenceError(ServeError):

@@ -16,11 +16,12 @@ from prometheus_client import multiprocess
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
-REQUESTS = Counter("simplenn_requests_total", "HTTP requests answered, by route and status code.",
-                   ["route", "code"])
+REQUESTS = Counter("simplenn_requests_total",
+                   "Requests answered, by route and status code (gRPC: route 'grpc:/<service>/<method>', "
+                   "code the status name).", ["route", "code"])
 REQUEST_SECONDS = Histogram("simplenn_request_duration_seconds", "Time from request to answer, by route.",
                             ["route"], buckets=_LATENCY_BUCKETS)
-IN_FLIGHT = Gauge("simplenn_requests_in_flight", "HTTP requests being handled now (a scrape counts itself).",
+IN_FLIGHT = Gauge("simplenn_requests_in_flight", "Requests (HTTP and gRPC) being handled now (a scrape counts itself).",
                   multiprocess_mode="livesum")
 INFERENCE_SECONDS = Histogram("simplenn_inference_duration_seconds", "Forward pass time per batch.",
                               buckets=_LATENCY_BUCKETS)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from serve.schemas import (ErrorResponse, PredictManyResponse, PredictOneRespons
 from serve.transport import Prediction, Transport
 
 VERSION_HEADER = "X-Model-Version"
+V2_SERVER_NAME = "simplenn-serve"
 V2_INPUT, V2_OUTPUT = "input", "output"
 _BINARY_HEADER = "inference-header-content-length"
 _V2_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
@@ -168,7 +169,7 @@ class V2Protocol:
         self.context = context
 
     async def server_metadata(self, request: Request) -> Response:
-        return json_response({"name": "simplenn-serve", "version": serve.__version__,
+        return json_response({"name": V2_SERVER_NAME, "version": serve.__version__,
                               "extensions": ["binary_tensor_data"]})
 
     async def live(self, request: Request) -> Response:
@@ -180,11 +181,7 @@ class V2Protocol:
 
     async def model_metadata(self, request: Request) -> Response:
         self.context.check_model(request.path_params["name"], request.path_params.get("version"))
-        status = self.context.status()
-        return json_response({
-            "name": self.context.model_name, "versions": status["versions"], "platform": "pytorch_libtorch",
-            "inputs": [{"name": V2_INPUT, "datatype": "FP32", "shape": [-1, self.context.schema.in_features]}],
-            "outputs": [{"name": V2_OUTPUT, "datatype": "FP32", "shape": [-1, 1]}]})
+        return json_response(v2_model_metadata(self.context))
 
     async def model_ready(self, request: Request) -> Response:
         self.context.check_model(request.path_params["name"], request.path_params.get("version"))
@@ -206,46 +203,22 @@ class V2Protocol:
         return self._encode(infer_request, prediction)
 
     def _input_rows(self, infer_request: V2InferRequest, binary: bytes) -> np.ndarray:
-        if len(infer_request.inputs) != 1 or infer_request.inputs[0].name != V2_INPUT:
-            names = [tensor.name for tensor in infer_request.inputs]
-            raise BadInput(f"this model takes exactly one input named {V2_INPUT!r}, got {names}")
+        check_v2_names([tensor.name for tensor in infer_request.inputs],
+                       [output.name for output in infer_request.outputs or []])
         tensor = infer_request.inputs[0]
-        dtype = _V2_TYPES.get(tensor.datatype)
-        if dtype is None:
-            raise BadInput(f"inputs[0].datatype {tensor.datatype!r} is not supported: use FP32 (FP64, FP16 and "
-                           "integer types are converted)")
-        if len(tensor.shape) != 2:
-            raise BadInput(f"inputs[0].shape must be [N, {self.context.schema.in_features}], got {tensor.shape}")
-        count = math.prod(tensor.shape)  # Python ints: no overflow
-        if count > self.context.schema.max_rows * self.context.schema.in_features:
-            raise BadInput(f"inputs[0]: shape {tensor.shape} is larger than {self.context.schema.max_rows} rows "
-                           f"of {self.context.schema.in_features}")
         binary_size = (tensor.parameters or {}).get("binary_data_size")
         if binary_size is not None:
             if tensor.data is not None or not isinstance(binary_size, int) or binary_size != len(binary):
                 raise BadInput("inputs[0]: binary_data_size must equal the binary part's length, with no 'data'")
-            if binary_size != count * np.dtype(dtype).itemsize:
-                raise BadInput(f"inputs[0]: {binary_size} bytes do not hold shape {tensor.shape} of {tensor.datatype}")
-            values = np.frombuffer(binary, dtype=np.dtype(dtype).newbyteorder("<"))
-        else:
-            if tensor.data is None:
-                raise BadInput("inputs[0] needs 'data' (or the binary data extension)")
-            try:
-                values = np.asarray(tensor.data, dtype=np.float64)
-            except ValueError:  # ragged nested lists
-                raise BadInput("inputs[0].data: nested rows must all have the same length") from None
-            if values.size != count:
-                raise BadInput(f"inputs[0]: shape {tensor.shape} needs {count} values, data has {values.size}")
-            if np.dtype(dtype).kind in "iu" and not np.all(values == np.round(values)):
-                raise BadInput(f"inputs[0]: {tensor.datatype} data must be whole numbers")
-        return self.context.schema.check_array(values.reshape(tensor.shape), "inputs[0]", BadInput)
+            return v2_rows(self.context.schema, tensor.datatype, tensor.shape, raw=binary)
+        if tensor.data is None:
+            v2_dtype(tensor.datatype)  # an unsupported type is the first thing to say
+            raise BadInput("inputs[0] needs 'data' (or the binary data extension)")
+        return v2_rows(self.context.schema, tensor.datatype, tensor.shape, data=tensor.data)
 
     def _encode(self, infer_request: V2InferRequest, prediction: Prediction) -> Response:
         outputs = prediction.outputs
-        requested = {o.name: o for o in infer_request.outputs or []}
-        unknown = set(requested) - {V2_OUTPUT}
-        if unknown:
-            raise BadInput(f"unknown requested outputs {sorted(unknown)}: this model has {V2_OUTPUT!r}")
+        requested = {o.name: o for o in infer_request.outputs or []}  # names checked in _input_rows
         wants_binary = bool(((requested.get(V2_OUTPUT) and requested[V2_OUTPUT].parameters) or {})
                             .get("binary_data", (infer_request.parameters or {}).get("binary_data_output", False)))
         tensor: dict[str, Any] = {"name": V2_OUTPUT, "datatype": "FP32", "shape": list(outputs.shape)}
@@ -275,6 +248,59 @@ class V2Protocol:
             add_route(app, prefix + "/infer", self.infer, _operation(
                 "open-inference-v2", "Infer: one FP32 tensor 'input' [N, features] -> 'output' [N, 1]",
                 V2InferRequest, V2InferResponse, status_codes=(400, 404, 413, 503, 504)))
+
+
+def v2_dtype(datatype: str) -> np.dtype:
+    """The numpy type of a V2 ``datatype`` that converts to FP32; ``BadInput`` for BOOL, BYTES and unknowns."""
+    dtype = _V2_TYPES.get(datatype)
+    if dtype is None:
+        raise BadInput(f"inputs[0].datatype {datatype!r} is not supported: use FP32 (FP64, FP16 and "
+                       "integer types are converted)")
+    return np.dtype(dtype)
+
+
+def check_v2_names(inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """A V2 request (REST or gRPC) names exactly one input, ``input``, and asks for no output but ``output``."""
+    if list(inputs) != [V2_INPUT]:
+        raise BadInput(f"this model takes exactly one input named {V2_INPUT!r}, got {list(inputs)}")
+    unknown = set(outputs) - {V2_OUTPUT}
+    if unknown:
+        raise BadInput(f"unknown requested outputs {sorted(unknown)}: this model has {V2_OUTPUT!r}")
+
+
+def v2_rows(schema: RowSchema, datatype: str, shape: Sequence[int], raw: bytes | None = None,
+            data: Any = None) -> np.ndarray:
+    """The validated float32 rows of a V2 input tensor, REST or gRPC: from ``raw`` little-endian bytes (the
+    binary data extension, ``raw_input_contents``) or typed ``data`` (JSON numbers, flat or nested, or a
+    gRPC ``contents`` field). ``BadInput`` names the problem: type, shape, size, byte count, values."""
+    dtype = v2_dtype(datatype)
+    shape = list(shape)
+    if len(shape) != 2 or min(shape) < 0:
+        raise BadInput(f"inputs[0].shape must be [N, {schema.in_features}], got {shape}")
+    count = math.prod(shape)  # Python ints: no overflow
+    if count > schema.max_rows * schema.in_features:
+        raise BadInput(f"inputs[0]: shape {shape} is larger than {schema.max_rows} rows of {schema.in_features}")
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise BadInput(f"inputs[0]: {len(raw)} bytes do not hold shape {shape} of {datatype}")
+        values = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+    else:
+        try:
+            values = np.asarray(data, dtype=np.float64)
+        except ValueError:  # ragged nested lists
+            raise BadInput("inputs[0].data: nested rows must all have the same length") from None
+        if values.size != count:
+            raise BadInput(f"inputs[0]: shape {shape} needs {count} values, data has {values.size}")
+        if dtype.kind in "iu" and not np.all(values == np.round(values)):
+            raise BadInput(f"inputs[0]: {datatype} data must be whole numbers")
+    return schema.check_array(values.reshape(shape), "inputs[0]", BadInput)
+
+
+def v2_model_metadata(context: ServingContext) -> dict[str, Any]:
+    """The V2 model metadata (REST and gRPC): live versions, one FP32 input [-1, features], output [-1, 1]."""
+    return {"name": context.model_name, "versions": context.status()["versions"], "platform": "pytorch_libtorch",
+            "inputs": [{"name": V2_INPUT, "datatype": "FP32", "shape": [-1, context.schema.in_features]}],
+            "outputs": [{"name": V2_OUTPUT, "datatype": "FP32", "shape": [-1, 1]}]}
 
 
 def register_protocols(app: FastAPI, context: ServingContext) -> "ProtocolRouter":

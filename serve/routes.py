@@ -3,7 +3,8 @@
 ``/health/live`` and ``/health/ready`` answer from :class:`serve.status.ServerView`; ``/admin/reload``
 and ``/admin/rollback`` exist only when ``SIMPLENN_ADMIN_TOKEN`` is set and need it as a bearer token
 (constant-time comparison). :class:`RequestMiddleware` gives every request an id, counts it in the
-metrics and writes the access log; on the lifespan's start it sets up the API server process.
+metrics and writes the access log; on the lifespan's start it sets up the API server process (and
+starts its gRPC server), on the lifespan's shutdown it stops what ``on_stop`` names (the gRPC server).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -31,10 +32,12 @@ access_logger = logging.getLogger("simplenn.access")
 class RequestMiddleware:
     """Pure ASGI middleware: request id, access log, request metrics; also configures logging per process."""
 
-    def __init__(self, app: Any, settings: Settings, on_start: Callable[[], None]) -> None:
+    def __init__(self, app: Any, settings: Settings, on_start: Callable[[], Awaitable[None]],
+                 on_stop: Callable[[], Awaitable[None]]) -> None:
         self.app = app
         self.settings = settings
         self.on_start = on_start
+        self.on_stop = on_stop
 
     @staticmethod
     def route_label(scope: dict) -> str:
@@ -44,8 +47,8 @@ class RequestMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             configure_logging(self.settings.log_level)
-            self.on_start()
-            return await self.app(scope, receive, send)
+            await self.on_start()
+            return await self.app(scope, self._stop_on_shutdown(receive), send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
@@ -77,6 +80,18 @@ class RequestMiddleware:
                 access_logger.info("request", extra={"request_id": request_id, "method": scope["method"],
                                                      "path": scope["path"], "status": status,
                                                      "ms": round(elapsed * 1000, 3)})
+
+    def _stop_on_shutdown(self, receive: Any) -> Callable[[], Awaitable[dict]]:
+        """The lifespan's ``receive``, running ``on_stop`` when shutdown comes (uvicorn sends it once its
+        HTTP requests have finished)."""
+
+        async def receive_and_stop() -> dict:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.on_stop()
+            return message
+
+        return receive_and_stop
 
 
 def check_admin(settings: Settings, request: Request) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,29 @@ def litserve_accelerator(device: str) -> str:
     return "cuda" if any(line.startswith("GPU") for line in listed.splitlines()) else "cpu"
 
 
+def check_grpc_port(settings: Settings) -> None:
+    """``StartupError`` when the gRPC port is the HTTP port or another process listens on it: the API servers
+    bind it with ``SO_REUSEPORT`` and would otherwise share it with that process."""
+    if not settings.grpc_port:
+        return
+    if settings.grpc_port == settings.port:
+        raise StartupError(f"SIMPLENN_GRPC_PORT ({settings.grpc_port}) must differ from SIMPLENN_PORT")
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.grpc_port))
+        except OSError as exc:
+            raise StartupError(f"gRPC port {settings.host}:{settings.grpc_port} is not free: {exc.strerror} "
+                               "(set SIMPLENN_GRPC_PORT, 0 turns gRPC off)") from None
+
+
 class SimpleNNServer:
     """One server: its settings, channels, supervisor and the LitServer that runs them."""
 
     def __init__(self, settings: Settings, state_dir: Path) -> None:
         self.settings = settings
+        self.grpc: Any = None  # the API server's gRPC server (serve.grpc_protocol.GrpcServer)
         layout = Layout(state_dir, settings.resolved_api_servers())
         self.transport = Transport(layout, settings.max_queue_bytes, settings.request_timeout_s,
                                    settings.hang_timeout_s)
@@ -88,16 +107,25 @@ class SimpleNNServer:
         settings = self.settings
         in_features = self.supervisor.manager.fleet.in_features
         assert in_features is not None
-        context = ServingContext(settings.model_name, RowSchema(in_features, settings.max_rows), self.transport,
-                                 settings.max_body_bytes, self.view.ready, self.view.status)
-        protocols = register_protocols(self.lit_server.app, context)
+        self.context = ServingContext(settings.model_name, RowSchema(in_features, settings.max_rows), self.transport,
+                                      settings.max_body_bytes, self.view.ready, self.view.status)
+        protocols = register_protocols(self.lit_server.app, self.context)
         self.lit_server.replace_routes_and_middleware(
-            lambda stack: RequestMiddleware(protocols.wrap(stack), settings, self._on_api_server_start),
+            lambda stack: RequestMiddleware(protocols.wrap(stack), settings, self._on_api_server_start,
+                                            self._on_api_server_stop),
             drop_paths=("/", "/health", "/info"))
 
-    def _on_api_server_start(self) -> None:
-        """In a freshly forked API server, as its event loop starts."""
+    async def _on_api_server_start(self) -> None:
+        """In a freshly forked API server, as its event loop starts: follow the supervisor, serve gRPC."""
         self.view.start(int(os.environ.get("LITSERVE_WORKER_ID", "0")))
+        from serve.grpc_protocol import start_grpc  # imported here: no gRPC state in the supervisor's forks
+
+        self.grpc = await start_grpc(self.context, self.settings)
+
+    async def _on_api_server_stop(self) -> None:
+        """In an API server whose HTTP requests have finished: stop gRPC, letting RPCs in flight finish."""
+        if self.grpc is not None:
+            await self.grpc.stop()
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
         if self.supervisor.draining:
@@ -108,6 +136,7 @@ class SimpleNNServer:
 
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT, then drain and stop every child process."""
+        check_grpc_port(self.settings)
         supervise_forked_children()
         self.lit_server.use_logging(lambda: configure_logging(self.settings.log_level))
         signal.signal(signal.SIGTERM, self._on_stop_signal)

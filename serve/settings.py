@@ -32,6 +32,7 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (the container sets 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC (Open Inference Protocol) port; 0 turns gRPC off.")
     weights: Path = Field(Path("weights/model.pth"), description="Weights file (.pth/.pt/.safetensors) or directory.")
     model_class: str = Field("models.simple_nn:SimpleNN", description="Architecture as 'module:Class'.")
     model_name: str = Field("simplenn", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Served model name.")

@@ -138,14 +138,18 @@ def weights_factory(tmp_path: Path):
 
 
 class ServerProcess:
-    """``python -m serve`` as a subprocess, with its log captured to a file."""
+    """``python -m serve`` as a subprocess, with its log captured to a file. gRPC is served on a free port of
+    its own (``grpc_port``, ``grpc_target``; servers of parallel tests never share one) unless ``env`` says."""
 
     def __init__(self, tmp_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = int((env or {}).get("SIMPLENN_GRPC_PORT") or free_port())
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = tmp_dir / f"server-{self.port}.log"
         self.state_dir = tmp_dir / f"state-{self.port}"
-        full_env = {**os.environ, "SIMPLENN_PORT": str(self.port), "SIMPLENN_HOST": "127.0.0.1",
+        full_env = {**os.environ, "SIMPLENN_PORT": str(self.port), "SIMPLENN_GRPC_PORT": str(self.grpc_port),
+                    "SIMPLENN_HOST": "127.0.0.1",
                     "SIMPLENN_STATE_DIR": str(self.state_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "serve", *(args or [])], cwd=ROOT, env=full_env,

@@ -355,6 +355,7 @@ class Container:
                 "--tmpfs", "/tmp", "--tmpfs", "/var/lib/simplenn",
                 "--volume", f"{weights_dir}:/weights:ro",
                 "--env", "SIMPLENN_HOST=127.0.0.1", "--env", f"SIMPLENN_PORT={self.port}",
+                "--env", f"SIMPLENN_GRPC_PORT={_free_port()}",  # host network: never the image's 8001 twice
                 "--health-interval", "1s", "--health-start-period", "60s"]
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]
