@@ -192,6 +192,7 @@ class Dispatcher:
         self.parked: deque[tuple[int, asyncio.Future, np.ndarray]] = deque()  # waiting for a worker
         self.no_worker_since = time.monotonic()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._turn = 0
 
     def submit(self, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
         """Send rows to the connected worker with the fewest rows in flight, or park them until one connects.
@@ -213,11 +214,14 @@ class Dispatcher:
             self.parked = deque(entry for entry in self.parked if entry[0] != uid)
 
     def _choose(self) -> WorkerLink | None:
-        best = None
-        for link in self.links.values():
-            if not link.killed and (best is None or link.rows < best.rows):
-                best = link
-        return best
+        """The live worker with the fewest rows in flight; ties take turns, so that every worker gets
+        traffic (and a stopped one is found by the watchdog) even under light load."""
+        links = [link for link in self.links.values() if not link.killed]
+        if len(links) <= 1:
+            return links[0] if links else None
+        self._turn += 1
+        start = self._turn % len(links)
+        return min(links[start:] + links[:start], key=lambda link: link.rows)
 
     def _send(self, link: WorkerLink, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
         data = encode_request(uid, time.monotonic(), values)
