@@ -25,6 +25,11 @@ def version_of(data: bytes) -> tuple[str, str]:
     return digest[:12], digest
 
 
+def file_version(path: Path) -> str:
+    """The version id the server gives the weights file at ``path`` (what ``X-Model-Version`` will say)."""
+    return version_of(path.read_bytes())[0]
+
+
 @dataclass(frozen=True)
 class Version:
     """A pinned version: its id and digest, the snapshot to load, and the file it came from."""
