@@ -21,7 +21,7 @@ from pathlib import Path
 
 LENGTH = struct.Struct("<I")
 MAX_FRAME = 1 << 30
-_RECV = 1 << 20
+_RECV = 256 << 10
 
 
 class ChannelClosed(Exception):
@@ -41,6 +41,7 @@ class Connection:
         self.sock = sock
         self.outbox = bytearray()
         self._inbox = bytearray()
+        self._buffer = bytearray(_RECV)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -63,28 +64,33 @@ class Connection:
         return True
 
     def frames(self) -> list[bytes]:
-        """Read what is available and return the complete frames; ``ChannelClosed`` at EOF."""
+        """Read what is available and return the complete frames; ``ChannelClosed`` at EOF.
+
+        Reads into this connection's own buffer (no allocation per read) and copies each frame out once."""
         try:
-            data = self.sock.recv(_RECV)
+            size = self.sock.recv_into(self._buffer)
         except BlockingIOError:
             return []
         except OSError as exc:
             raise ChannelClosed(str(exc)) from None
-        if not data:
+        if not size:
             raise ChannelClosed("closed by peer")
-        inbox = self._inbox
-        inbox += data
+        data: bytes | memoryview = memoryview(self._buffer)[:size]
+        if self._inbox:  # the start of a frame came with an earlier read
+            self._inbox += data
+            data, self._inbox = bytes(self._inbox), bytearray()
         offset, found = 0, []
-        while len(inbox) - offset >= LENGTH.size:
-            (length,) = LENGTH.unpack_from(inbox, offset)
+        while len(data) - offset >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(data, offset)
             if length > MAX_FRAME:
                 raise ChannelClosed(f"frame of {length} bytes is over the limit")
             end = offset + LENGTH.size + length
-            if end > len(inbox):
+            if end > len(data):
                 break
-            found.append(bytes(inbox[offset + LENGTH.size:end]))
+            found.append(bytes(data[offset + LENGTH.size:end]))
             offset = end
-        del inbox[:offset]
+        if offset < len(data):
+            self._inbox += data[offset:]
         return found
 
     def peer_pid(self) -> int:
