@@ -70,13 +70,14 @@ class ApiLinks:
             self.conns[index] = None
         self._connect(index)
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for requests (or writability); True if requests arrived."""
+    def wait(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` (None: until something happens) for requests (or writability); True if
+        requests arrived. While an API server's connection is missing, retry it every 0.2 s."""
         missing = [i for i, conn in self.conns.items() if conn is None]
         for index in missing:
             self._connect(index)
         if missing:
-            timeout = min(timeout, _RECONNECT_S)
+            timeout = _RECONNECT_S if timeout is None else min(timeout, _RECONNECT_S)
         before = len(self.ready)
         for key, mask in self.selector.select(timeout):
             index, conn = key.data, key.fileobj
@@ -94,8 +95,8 @@ class ApiLinks:
                     self._drop(index)
         return len(self.ready) > before
 
-    def take_batch(self, max_rows: int, linger: float, wait: float = 1.0) -> list[Request]:
-        """Block up to ``wait`` for a first request, then take what has arrived, up to ``max_rows`` rows."""
+    def take_batch(self, max_rows: int, linger: float, wait: float | None = None) -> list[Request]:
+        """Block up to ``wait`` (None: as long as it takes) for a first request, then take what has arrived, up to ``max_rows`` rows."""
         if not self.ready and not self.wait(wait):
             return []
         batch: list[Request] = []
