@@ -12,7 +12,6 @@ Runs on the control hub's thread only.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -111,6 +110,44 @@ class Fleet:
             peer.send(state)
 
 
+class Picker:
+    """Which candidate to offer next: the best one that is not known bad, pinned (TF Serving's source
+    adapter). Files that failed (here or in a worker) are remembered by fingerprint until a rescan."""
+
+    def __init__(self, store: VersionStore, fleet: Fleet) -> None:
+        self.store, self.fleet = store, fleet
+        self.known_bad: dict[tuple, str] = {}  # fingerprint -> why it was rejected
+        self.seen: list[Candidate] = []
+
+    def pick(self, served: Version | None) -> Version | None:
+        """The version to stage, or None when ``served`` is still the best (or nothing is servable)."""
+        for candidate in self.seen:
+            if candidate.fingerprint in self.known_bad:
+                continue
+            if served is not None and candidate.fingerprint == served.fingerprint:
+                return None
+            try:
+                version = self.store.pin(candidate)
+            except WeightsError as exc:
+                self.reject(candidate.fingerprint, exc.message, exc.reason)
+                continue
+            if served is not None and version.sha256 == served.sha256:  # the same bytes, renamed
+                return None
+            return version
+        return None
+
+    def first_error(self) -> str:
+        """Why the best candidate cannot be served (for a startup that found nothing servable)."""
+        first = self.seen[0].fingerprint if self.seen else None
+        return self.known_bad.get(first, "no servable weights")
+
+    def reject(self, fingerprint: tuple, error: str, reason: str) -> None:
+        self.known_bad[fingerprint] = error
+        metrics.RELOADS.labels(result="failed", reason=reason).inc()
+        logger.warning("rejected: %s", error)
+        self.fleet.record("failed", None, error, reason)
+
+
 class VersionManager:
     """Which version is served, which came before, and which is being staged (the hub's handler)."""
 
@@ -123,8 +160,7 @@ class VersionManager:
         self.staging: Version | None = None
         self.waiting: set[int] = set()  # workers that have not answered the staging load yet
         self.loaded_by: set[int] = set()
-        self.known_bad: dict[tuple, str] = {}  # fingerprint -> why it was rejected
-        self.seen: list[Candidate] = []
+        self.picker = Picker(store, self.fleet)
         self.startup = StartupGate()
         self.rescan_requested = threading.Event()
 
@@ -156,27 +192,18 @@ class VersionManager:
     # -- decisions ------------------------------------------------------------------------------
     def on_candidates(self, candidates: list[Candidate]) -> None:
         """The source's current candidates, best first: serve the best one that is not known bad."""
-        self.seen = candidates
+        self.picker.seen = candidates
+        self.reconsider()
+
+    def reconsider(self) -> None:
+        """Stage the best candidate if it is not what is served (decided again after each staging)."""
         if self.staging is not None:
-            return  # decided again when the staging version is committed or rejected
-        for candidate in candidates:
-            if candidate.fingerprint in self.known_bad:
-                continue
-            if self.served is not None and candidate.fingerprint == self.served.fingerprint:
-                return
-            try:
-                version = self.store.pin(candidate)
-            except WeightsError as exc:
-                self._reject(candidate.fingerprint, exc.message, exc.reason)
-                continue
-            if self.served is not None and version.sha256 == self.served.sha256:
-                self.served = dataclasses.replace(self.served, fingerprint=candidate.fingerprint)
-                return
-            self._stage(version)
             return
-        if self.served is None:
-            first = candidates[0].fingerprint if candidates else None
-            self.startup.fail(self.known_bad.get(first, "no servable weights"))
+        version = self.picker.pick(self.served)
+        if version is not None:
+            self._stage(version)
+        elif self.served is None:
+            self.startup.fail(self.picker.first_error())
 
     def _stage(self, version: Version) -> None:
         self.staging, self.loaded_by = version, set()
@@ -212,7 +239,7 @@ class VersionManager:
             self.fleet.tell_workers(self.served.command("serve"))
         self.fleet.record("ok", self.served.id)
         self.store.keep_only(self.served, self.previous)
-        self.on_candidates(self.seen)
+        self.reconsider()
 
     def rejected(self, peer: Peer, version: str | None, error: str, reason: str) -> None:
         if version is None:  # the worker cannot serve at all (no such device, no such model class)
@@ -221,22 +248,16 @@ class VersionManager:
         elif self.staging is not None and version == self.staging.id:
             fingerprint = self.staging.fingerprint
             self.staging, self.waiting, self.loaded_by = None, set(), set()
-            self._reject(fingerprint, error, reason)
-            self.on_candidates(self.seen)
+            self.picker.reject(fingerprint, error, reason)
+            self.reconsider()
         elif self.served is not None and version == self.served.id:
             logger.error("worker %d cannot serve version %s that its peers serve (%s); replacing it",
                          peer.id, version, error)
             self.fleet.kill(peer)
 
-    def _reject(self, fingerprint: tuple, error: str, reason: str) -> None:
-        self.known_bad[fingerprint] = error
-        metrics.RELOADS.labels(result="failed", reason=reason).inc()
-        logger.warning("rejected: %s", error)
-        self.fleet.record("failed", None, error, reason)
-
     def rescan(self) -> None:
         """Look at the weights now (admin reload, SIGHUP): files known to be bad get one more try."""
-        self.known_bad.clear()
+        self.picker.known_bad.clear()
         self.rescan_requested.set()
 
     def rollback(self) -> bool:
