@@ -25,8 +25,8 @@ install-test: $(VENV)/bin/python
 serve: install   ## start the server on the shipped weights (http://127.0.0.1:8000)
 	$(VENV)/bin/simplenn-serve
 
-test: install-test   ## run every test
-	$(VENV)/bin/python -m pytest -q --durations=15
+test: install-test   ## run every test, on two workers (tests/conftest.py says how files are shared out)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install-test   ## the side-by-side benchmark, HTTP and gRPC (not part of the tests)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null) \

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -56,7 +55,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # as a script: import bench, models
 
-from bench.servers import RunningServer, ServerSpec, ServerStartError  # noqa: E402
+from bench.servers import (  # noqa: E402
+    RunningServer,
+    ServerStartError,
+    alive,
+    api_server_pids,
+    serve_spec,
+    worker_pids,
+)
+from serve.versions import file_version  # noqa: E402
 
 FEATURES = 10
 SHIPPED_WEIGHTS = ROOT / "weights" / "model.pth"
@@ -65,62 +72,6 @@ MODEL_STATUS = "/v1/models/simplenn"
 
 class FaultError(RuntimeError):
     """A scenario could not go on (a pool of processes did not come back); the message says which."""
-
-
-def version_of(path: Path) -> str:
-    """The version id the server gives a weights file: the first 12 hex digits of its sha256."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-
-
-# -- the server's processes, from /proc ------------------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, None when it does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1])
-
-
-def _cmdline(pid: int) -> bytes | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie (a SIGKILLed child stays a zombie until it is reaped)."""
-    found = _stat(pid)
-    return found is not None and found[0] != "Z"
-
-
-def children(parent: int) -> dict[int, bytes]:
-    """The live (not zombie) children of ``parent``, with their command lines."""
-    found: dict[int, bytes] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            pid = int(entry)
-            st = _stat(pid)
-            if st is not None and st[1] == parent and st[0] != "Z":
-                cmdline = _cmdline(pid)
-                if cmdline is not None:
-                    found[pid] = cmdline
-    return found
-
-
-def worker_pids(main_pid: int) -> set[int]:
-    """The inference workers: spawned children of the main process (``spawn_main`` in the command line)."""
-    return {pid for pid, cmd in children(main_pid).items() if b"spawn_main" in cmd}
-
-
-def api_server_pids(main_pid: int) -> set[int]:
-    """The API servers: forked children of the main process (the same command line as the main process)."""
-    main_cmd = _cmdline(main_pid)
-    return {pid for pid, cmd in children(main_pid).items() if cmd == main_cmd}
 
 
 # -- the server's status -----------------------------------------------------------------------------------
@@ -506,7 +457,7 @@ def publish(path: Path, seed: int) -> str:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(SimpleNN().state_dict(), tmp)
     os.replace(tmp, path)
-    return version_of(path)
+    return file_version(path)
 
 
 class Bench:
@@ -518,11 +469,9 @@ class Bench:
 
     def server(self, name: str, weights: Path, env: dict[str, str]) -> RunningServer:
         state = self.workdir / f"state-{name}"
-        full_env = {"SIMPLENN_HOST": "{host}", "SIMPLENN_PORT": "{port}", "SIMPLENN_WEIGHTS": str(weights),
-                    "SIMPLENN_STATE_DIR": str(state), "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env}
-        server = RunningServer(ServerSpec(name, [sys.executable, "-m", "serve"], full_env, ready_timeout_s=120),
-                               self.workdir)
+        spec = serve_spec(name, {"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_STATE_DIR": str(state), **env},
+                          ready_timeout_s=120)
+        server = RunningServer(spec, self.workdir)
         server.launch()
         try:
             server.wait_ready()
@@ -544,7 +493,7 @@ class Bench:
     def pool_for(self, *weights: Path) -> Pool:
         pool = Pool(seed=self.args.seed)
         for path in weights:
-            pool.add_version(version_of(path), reference_model(path))
+            pool.add_version(file_version(path), reference_model(path))
         return pool
 
     def run(self, name: str, env: dict[str, str], act: Callable[[RunningServer, Load, Path], list[Kill]],
@@ -558,7 +507,7 @@ class Bench:
         load: Load | None = None
         try:
             accepted = before(server, weights) if before else [weights]
-            load = self.load(server.url(""), self.pool_for(*accepted))
+            load = self.load(server.url, self.pool_for(*accepted))
             with load:
                 time.sleep(0.5)
                 kills = act(server, load, weights)
@@ -581,14 +530,14 @@ class Bench:
     def workers(self, workers: int) -> Result:
         a = self.args
         return self.run(f"worker-sigkill-w{workers}", {"SIMPLENN_WORKERS": str(workers)},
-                        lambda server, load, _: kill_workers(server.url(""), server.pid, load, a.kills, workers,
+                        lambda server, load, _: kill_workers(server.url, server.pid, load, a.kills, workers,
                                                              self.rng, gap=a.gap, wedge_s=a.wedge_s),
                         a.kills)
 
     def api(self) -> Result:
         a = self.args
         return self.run("api-sigkill", {"SIMPLENN_API_SERVERS": "2"},
-                        lambda server, load, _: kill_api_servers(server.url(""), server.pid, load, a.api_kills, 2,
+                        lambda server, load, _: kill_api_servers(server.url, server.pid, load, a.api_kills, 2,
                                                                  self.rng, gap=a.gap, wedge_s=a.wedge_s),
                         a.api_kills)
 
@@ -598,7 +547,7 @@ class Bench:
         def act(server: RunningServer, load: Load, _: Path) -> list[Kill]:
             kills = []
             for _ in range(a.stops):
-                kill = stop_worker(server.url(""), server.pid, load, workers, a.hang_timeout, self.rng,
+                kill = stop_worker(server.url, server.pid, load, workers, a.hang_timeout, self.rng,
                                    wedge_s=a.wedge_s)
                 if kill is None:
                     raise FaultError("the workers never all served")
@@ -621,8 +570,8 @@ class Bench:
         first: dict[str, str] = {}
 
         def before(server: RunningServer, weights: Path) -> list[Path]:
-            url = server.url("")
-            first["version"] = version_of(weights)
+            url = server.url
+            first["version"] = file_version(weights)
             second = publish(weights, seed=4242)
             if not wait_for(lambda: full_pool(url, server.pid, 2, second), 30):
                 raise FaultError(f"version {second} was never served by both workers")
@@ -634,7 +583,7 @@ class Bench:
             return [a.weights]  # answers must carry the first version (the original file's) only
 
         def act(server: RunningServer, load: Load, _: Path) -> list[Kill]:
-            url, version = server.url(""), first["version"]
+            url, version = server.url, first["version"]
             kills = []
             for victims in (1, 2) * a.rollback_rounds:
                 kills += kill_workers(url, server.pid, load, 1, 2, self.rng, version, a.gap, a.wedge_s,

@@ -6,7 +6,6 @@ project server computes.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -25,8 +24,3 @@ def load_model(weights: Path | None) -> nn.Module:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.eval()
-
-
-def weights_version(weights: Path) -> str:
-    """A short content id for a weights file: the first 12 hex digits of its SHA-256."""
-    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import http.client
 import json
 import os
@@ -37,8 +36,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,9 +51,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # as a script: import models
 
-from models.simple_nn import SimpleNN
+from bench.servers import HOST, RunningServer, cmdline, process_tree, serve_spec  # noqa: E402
+from models.simple_nn import SimpleNN  # noqa: E402
+from serve.versions import version_of  # noqa: E402
 
-HOST = "127.0.0.1"
 RESULTS = ROOT / "bench" / "results"
 SHIPPED_WEIGHTS = ROOT / "weights" / "model.pth"
 FEATURES = 10
@@ -79,7 +77,7 @@ class Version:
     @classmethod
     def of(cls, data: bytes, state: dict[str, torch.Tensor]) -> Version:
         p = {k: v.detach().numpy().astype(np.float32) for k, v in state.items()}
-        return cls(hashlib.sha256(data).hexdigest()[:12], p["fc1.weight"], p["fc1.bias"], p["fc2.weight"],
+        return cls(version_of(data)[0], p["fc1.weight"], p["fc1.bias"], p["fc2.weight"],
                    p["fc2.bias"])
 
     def expected(self, row: np.ndarray) -> float:
@@ -108,37 +106,6 @@ def publish(path: Path, seed: int) -> tuple[float, Version]:
 # -- the server and its processes -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2:].split()  # fields from state (3) on
-
-
-def descendants(root: int) -> list[int]:
-    """``root`` and every live process below it, from the ppid field of /proc/*/stat."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields is not None:
-                parents[int(entry)] = int(fields[1])
-    tree, frontier = [root], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = sorted(pid for pid, ppid in parents.items() if ppid == parent and pid not in tree)
-        tree.extend(children)
-        frontier.extend(children)
-    return [pid for pid in tree if pid in parents]
-
-
 def rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -156,46 +123,21 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
-class Server:
-    """``python -m serve`` in its own session, logging to a file; ``stop()`` ends the whole tree."""
+class Server(RunningServer):
+    """``python -m serve`` on ``weights`` (``bench.servers.RunningServer``, launched at once), logging to
+    ``<workdir>/server.log``. ``stop()`` SIGTERMs the main process alone, as docker and Kubernetes do (it
+    drains and stops its children), waits up to 30 s, then SIGKILLs the process group and anything that
+    left it."""
+
+    stop_grace_s = 30.0
+    term_group = False
 
     def __init__(self, workdir: Path, weights: Path, env: dict[str, str] | None = None,
                  args: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.log_path = workdir / "server.log"
-        state_dir = workdir / "state"
-        full_env = {**os.environ, "SIMPLENN_HOST": HOST, "SIMPLENN_PORT": str(self.port),
-                    "SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_STATE_DIR": str(state_dir),
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
-        with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "serve", *(args or [])], cwd=ROOT, env=full_env,
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        self.started = time.monotonic()
-        self._roles: dict[int, str] = {}
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-    def wait_ready(self, timeout: float = 120) -> float:
-        """Seconds from launch until ``/health/ready`` answers 200; RuntimeError on exit or timeout."""
-        while time.monotonic() - self.started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if self.request("GET", "/health/ready", timeout=1)[0] == 200:
-                    return time.monotonic() - self.started
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        spec = serve_spec("server", {"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_STATE_DIR": str(workdir / "state"),
+                                     **(env or {})}, args or (), ready_timeout_s=120)
+        super().__init__(spec, workdir)
+        self.launch()
 
     def processes(self) -> dict[int, str]:
         """Every live server process, by pid, with a role: main, api, worker-N, manager, resource-tracker."""
@@ -212,18 +154,18 @@ class Server:
                     elif (found := re.match(r"worker (\d+) now serves", msg)) and pid:
                         log_pids[int(pid)] = f"worker-{found.group(1)}"
         roles: dict[int, str] = {}
-        for pid in descendants(self.proc.pid):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+        for pid in sorted(process_tree(self.pid)):
+            raw = cmdline(pid)
+            if raw is None:
                 continue
+            command = raw.replace(b"\0", b" ").decode(errors="replace")
             if pid == self.proc.pid:
                 role = "main"
             elif pid in log_pids:
                 role = log_pids[pid]
-            elif "resource_tracker" in cmdline:
+            elif "resource_tracker" in command:
                 role = "resource-tracker"
-            elif "multiprocessing.spawn" in cmdline:
+            elif "multiprocessing.spawn" in command:
                 role = "worker"
             else:
                 role = "manager"  # LitServe's multiprocessing manager (forked, like the API servers)
@@ -237,23 +179,6 @@ class Server:
         """RSS (KiB) and open file descriptors of every server process, keyed ``role (pid)``."""
         return {f"{role} ({pid})": {"pid": pid, "rss_kib": rss_kib(pid), "fds": open_fds(pid)}
                 for pid, role in sorted(self.processes().items(), key=lambda item: _role_order(item[1]))}
-
-    def stop(self) -> int | None:
-        """SIGTERM the main process, as docker and Kubernetes do (it drains and stops its children), then
-        SIGKILL the process group and anything that left it."""
-        tree = descendants(self.proc.pid) if self.proc.poll() is None else []
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in tree:  # anything that left the group
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        return self.proc.returncode
 
 
 def _role_order(role: str) -> tuple[int, str]:
@@ -451,13 +376,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     load: Load | None = None
     result: dict[str, Any] = {}
     try:
-        startup = server.wait_ready()
+        startup = server.wait_ready().startup_s
         time.sleep(0.5)  # all API servers up
         initial = load_version(weights)
         versions = {initial.version: initial}
         load = Load(server.port, args.clients, args.rate, versions).start()
         time.sleep(args.warmup_s)
-        print(f"server up in {startup:.1f} s (pid {server.proc.pid}); steady state for {args.steady_s:.0f} s ...",
+        print(f"server up in {startup:.1f} s (pid {server.pid}); steady state for {args.steady_s:.0f} s ...",
               flush=True)
         steady_from = time.monotonic()
         time.sleep(args.steady_s)
@@ -507,7 +432,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         rss_after = server.snapshot()
         load.stop()
         samples = load.all_samples()
-        alive = server.proc.poll() is None
+        alive = server.alive()
     finally:
         if load is not None:
             load.stop()

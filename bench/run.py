@@ -365,7 +365,7 @@ def preflight(
             if name == "grpc" and grpc_load is not None:
                 grpc_load.run(server, rows=1, streams=4, duration_s=warmup_s)
             else:
-                loadgen.run_wrk(wrk, server.url("/predict"), warmup_body, conns=4, duration_s=warmup_s)
+                loadgen.run_wrk(wrk, server.url + "/predict", warmup_body, conns=4, duration_s=warmup_s)
         except (loadgen.WrkError, grpcload.H2loadError) as exc:
             print(f"!! {name}: warm-up failed: {exc}", file=sys.stderr)
     for name in ("project", "grpc"):
@@ -402,7 +402,7 @@ def measure(
         if grpc_load is not None:
             result = grpc_load.run(server, scenario.rows, scenario.conns, duration_s)
         else:
-            result = loadgen.run_wrk(wrk, server.url("/predict"), body, scenario.conns, duration_s)
+            result = loadgen.run_wrk(wrk, server.url + "/predict", body, scenario.conns, duration_s)
     except (loadgen.WrkError, grpcload.H2loadError) as exc:
         m.failure = str(exc)
         return m

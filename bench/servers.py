@@ -1,10 +1,15 @@
-"""Server processes for the harness: start on a free loopback port, wait until ready, account
-CPU time over the whole process tree, and stop the whole tree.
+"""Servers as processes, for the harness and the tests: start on a free loopback port, wait until
+ready, find the server's processes in /proc, account CPU time over the whole process tree, and stop
+the whole tree.
 
 Each server runs in its own session (``start_new_session=True``), so its process group holds it
-and every worker it forks; stopping sends SIGTERM to the group, waits, then SIGKILLs whatever is
-left (including descendants that left the group). Output goes to a log file whose tail is shown
-when a server fails to start.
+and every worker it forks; stopping sends SIGTERM (to the group, or to the main process alone for a
+drain as docker and Kubernetes do it), waits, then SIGKILLs the group and every descendant that left
+it. Output goes to a log file whose tail is shown when a server fails to start. Every server gets a
+free gRPC port of its own (``SIMPLENN_GRPC_PORT``), so servers started side by side never share 8001.
+
+This is the one home of these helpers: ``bench/run.py``, ``bench/faults.py``, ``bench/reload.py``,
+``bench/soak.py`` and the tests (``tests/conftest.py``'s ``ServerProcess``) all use them.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -30,13 +38,24 @@ class ServerStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """How to start one server. ``{host}``, ``{port}`` and ``{grpc_port}`` in argv and env values are filled in."""
+    """How to start one server. ``{host}``, ``{port}`` and ``{grpc_port}`` in the name, argv and env
+    values are filled in (the log file is ``<log_dir>/<name>.log``)."""
 
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/health/ready"
     ready_timeout_s: float = 60.0
+
+
+def serve_spec(name: str, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
+               ready_timeout_s: float = 60.0) -> ServerSpec:
+    """``python -m serve`` (this checkout) on ``{host}:{port}`` with gRPC on ``{grpc_port}`` and unbuffered
+    output; ``env`` adds to and overrides that."""
+    return ServerSpec(name, [sys.executable, "-m", "serve", *args],
+                      {"SIMPLENN_HOST": "{host}", "SIMPLENN_PORT": "{port}", "SIMPLENN_GRPC_PORT": "{grpc_port}",
+                       "PYTHONUNBUFFERED": "1", **(env or {})},
+                      ready_timeout_s=ready_timeout_s)
 
 
 def free_port() -> int:
@@ -46,40 +65,64 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# -- processes, from /proc ------------------------------------------------------------------------------
+
+
 class ProcStat(NamedTuple):
     """The parts of /proc/<pid>/stat the harness uses."""
 
+    state: str  # R, S, D, T, Z, ...: Z is a zombie (ended, not yet reaped by its parent)
     ppid: int
     pgrp: int
     ticks: int  # utime + stime + cutime + cstime (reaped children count in their parent)
     start: int  # start time in ticks since boot: tells a live process from a reused pid
 
 
+def proc_stat(pid: int) -> ProcStat | None:
+    """The ProcStat of one process, None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:  # no such process, or it ended while we looked
+        return None
+    # Fields after "(comm)", numbered as in proc(5): state(3) ppid(4) pgrp(5) ...
+    # utime(14) stime(15) cutime(16) cstime(17) ... starttime(22).
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return ProcStat(
+        state=fields[0].decode(),
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        ticks=sum(int(x) for x in fields[11:15]),
+        start=int(fields[19]),
+    )
+
+
 def _read_proc_stats() -> dict[int, ProcStat]:
     """A ProcStat for every process in /proc, by pid."""
     stats: dict[int, ProcStat] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:  # the process ended while we looked
-            continue
-        # Fields after "(comm)", numbered as in proc(5): state(3) ppid(4) pgrp(5) ...
-        # utime(14) stime(15) cutime(16) cstime(17) ... starttime(22).
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        stats[int(entry)] = ProcStat(
-            ppid=int(fields[1]),
-            pgrp=int(fields[2]),
-            ticks=sum(int(x) for x in fields[11:15]),
-            start=int(fields[19]),
-        )
+        if entry.isdigit() and (st := proc_stat(int(entry))) is not None:
+            stats[int(entry)] = st
     return stats
 
 
+def cmdline(pid: int) -> bytes | None:
+    """A process's command line (arguments separated by NUL bytes), None when it does not exist."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a SIGKILLed child stays a zombie until it is reaped)."""
+    st = proc_stat(pid)
+    return st is not None and st.state != "Z"
+
+
 def process_tree(root: int, stats: dict[int, ProcStat] | None = None) -> set[int]:
-    """The pids in ``root``'s process group plus all of ``root``'s descendants."""
+    """``root`` and the pids in its process group plus all of their descendants (zombies included:
+    filter with :func:`alive`)."""
     stats = _read_proc_stats() if stats is None else stats
     tree = {pid for pid, st in stats.items() if st.pgrp == root}
     tree.add(root)
@@ -91,45 +134,80 @@ def process_tree(root: int, stats: dict[int, ProcStat] | None = None) -> set[int
     return tree & stats.keys()
 
 
+def children(parent: int) -> dict[int, bytes]:
+    """The live (not zombie) children of ``parent``, with their command lines."""
+    found: dict[int, bytes] = {}
+    for pid, st in _read_proc_stats().items():
+        if st.ppid == parent and st.state != "Z" and (cmd := cmdline(pid)) is not None:
+            found[pid] = cmd
+    return found
+
+
+def worker_pids(main_pid: int) -> set[int]:
+    """A server's inference workers: spawned children of its main process (``spawn_main`` in the command line)."""
+    return {pid for pid, cmd in children(main_pid).items() if b"spawn_main" in cmd}
+
+
+def api_server_pids(main_pid: int) -> set[int]:
+    """A server's API servers: forked children of its main process (the main process's command line)."""
+    main_cmd = cmdline(main_pid)
+    return {pid for pid, cmd in children(main_pid).items() if cmd == main_cmd}
+
+
 def tree_cpu_seconds(root: int) -> float:
     """utime+stime of ``root``'s whole process tree, counting reaped children (cutime+cstime)."""
     stats = _read_proc_stats()
     return sum(stats[pid].ticks for pid in process_tree(root, stats)) / CLK_TCK
 
 
+# -- one server ---------------------------------------------------------------------------------------------
+
+
 class RunningServer:
-    """One server's process group: ``launch()``, ``wait_ready()``, and always ``stop()``."""
+    """One server's process group: ``launch()``, ``wait_ready()``, and always ``stop()``.
+
+    ``url`` is ``http://127.0.0.1:<port>``; ``grpc_port`` is a free port given as ``SIMPLENN_GRPC_PORT``
+    unless the spec sets a number of its own. ``stop()`` waits ``stop_grace_s`` after SIGTERM, which goes
+    to the whole group, or to the main process alone when ``term_group`` is false.
+    """
+
+    stop_grace_s = 5.0
+    term_group = True
 
     def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
         self.spec = spec
         self.port = free_port()
-        self.grpc_port = free_port()  # SIMPLENN_GRPC_PORT unless the spec says: parallel servers never share 8001
-        self.log_path = log_dir / f"{spec.name}.log"
+        explicit = spec.env.get("SIMPLENN_GRPC_PORT", "{grpc_port}")
+        self.grpc_port = free_port() if "{" in explicit else int(explicit)
+        self.url = f"http://{HOST}:{self.port}"
+        self.log_path = log_dir / f"{self._fill(spec.name)}.log"
         self.startup_s: float | None = None
         self._began = 0.0
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://{HOST}:{self.port}{path}"
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
-        assert self._proc is not None, "server not launched"
-        return self._proc.pid
+        assert self.proc is not None, "server not launched"
+        return self.proc.pid
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
 
     def _fill(self, text: str) -> str:
         filled = text.replace("{host}", HOST).replace("{port}", str(self.port))
         return filled.replace("{grpc_port}", str(self.grpc_port))
 
     def launch(self) -> None:
-        """Start the process in a new session (its own process group); do not wait."""
+        """Start the process in a new session (its own process group), in the repository root; do not wait."""
         argv = [self._fill(arg) for arg in self.spec.argv]
         env = {**os.environ, "SIMPLENN_GRPC_PORT": str(self.grpc_port),
                **{k: self._fill(v) for k, v in self.spec.env.items()}}
         self._began = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(
+        with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
                 argv,
+                cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -137,22 +215,34 @@ class RunningServer:
                 start_new_session=True,
             )
 
-    def wait_ready(self) -> None:
-        """Poll ``GET ready_path`` until it answers 200; ServerStartError on exit or timeout."""
-        while time.monotonic() - self._began < self.spec.ready_timeout_s:
+    def wait_ready(self, timeout_s: float | None = None) -> RunningServer:
+        """Poll ``GET ready_path`` until it answers 200: for ``timeout_s`` from now, or by default until the spec's
+        ready timeout after the launch. ServerStartError on exit or timeout. ``startup_s`` is the time from
+        the launch to the first ready answer."""
+        if timeout_s is None:
+            timeout_s, deadline = self.spec.ready_timeout_s, self._began + self.spec.ready_timeout_s
+        else:
+            deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
             if not self.alive():
-                code = self._proc.returncode if self._proc else None
+                code = self.proc.returncode if self.proc else None
                 raise ServerStartError(
                     f"{self.spec.name} exited with code {code} before it was ready; log tail:\n{self.log_tail()}"
                 )
-            if self.request("GET", self.spec.ready_path)[0] == 200:
-                self.startup_s = time.monotonic() - self._began
-                return
-            time.sleep(0.2)
+            if self.request("GET", self.spec.ready_path, timeout_s=1.0)[0] == 200:
+                if self.startup_s is None:
+                    self.startup_s = time.monotonic() - self._began
+                return self
+            time.sleep(0.1)
         raise ServerStartError(
-            f"{self.spec.name} not ready after {self.spec.ready_timeout_s:.0f} s"
+            f"{self.spec.name} not ready after {timeout_s:.0f} s"
             f" (GET {self.spec.ready_path}); log tail:\n{self.log_tail()}"
         )
+
+    def wait_exit(self, timeout_s: float = 60) -> int:
+        """The main process's exit status; subprocess.TimeoutExpired when it runs on."""
+        assert self.proc is not None, "server not launched"
+        return self.proc.wait(timeout=timeout_s)
 
     def request(
         self, method: str, path: str, body: bytes | None = None, timeout_s: float = 5.0
@@ -170,36 +260,50 @@ class RunningServer:
             conn.close()
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
     def cpu_seconds(self) -> float:
         """CPU time used so far by the server's whole process tree."""
         return tree_cpu_seconds(self.pid)
 
+    def log(self) -> str:
+        """The whole log so far."""
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, lines: int = 30) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = self.log()
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the process group, wait up to ``grace_s``, then SIGKILL every leftover."""
-        if self._proc is None:
-            return
-        root = self._proc.pid
+    def stop(self, grace_s: float | None = None) -> int | None:
+        """SIGTERM, wait up to ``grace_s`` (default ``stop_grace_s``), then SIGKILL the process group and every
+        descendant that left it. Returns the main process's exit status; safe to call again."""
+        if self.proc is None:
+            return None
+        root = self.proc.pid
         before = _read_proc_stats()
         tree = {pid: before[pid].start for pid in process_tree(root, before) if pid != root}
-        _signal_group(root, signal.SIGTERM)
+        # Once the main process is reaped its pid may be reused: signal its group only while a member is left.
+        group = self.proc.poll() is None or any(st.pgrp == root for st in before.values())
+        if self.proc.poll() is None and not self.term_group:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        elif group:
+            _signal_group(root, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=grace_s)
-        _signal_group(root, signal.SIGKILL)
+            self.proc.wait(timeout=self.stop_grace_s if grace_s is None else grace_s)
+        if group:
+            _signal_group(root, signal.SIGKILL)
         now = _read_proc_stats()
         for pid, start in tree.items():  # descendants that left the group, if still the same
             if pid in now and now[pid].start == start:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-        self._proc.wait(timeout=grace_s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        return self.proc.returncode
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

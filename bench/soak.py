@@ -67,13 +67,13 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     intervals: list[dict[str, Any]] = []
     published: list[tuple[float, str]] = []
     try:
-        startup = server.wait_ready()
+        startup = server.wait_ready().startup_s
         time.sleep(0.5)
         initial = load_version(weights)
         versions = {initial.version: initial}
         load = Load(server.port, args.clients, args.rate, versions).start()
         started = time.monotonic()
-        print(f"server up in {startup:.1f} s (pid {server.proc.pid}); soaking for {args.duration:.0f} s, "
+        print(f"server up in {startup:.1f} s (pid {server.pid}); soaking for {args.duration:.0f} s, "
               f"a swap every {args.swap_every:.1f} s, a sample every {args.sample_every:.1f} s", flush=True)
         print(f"{'t':>6} {'swaps':>6} {'ok':>8} {'errors':>7} {'p99':>9} {'RSS total':>11} {'fds total':>10}  procs",
               flush=True)
@@ -113,7 +113,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         load.stop()
         samples = load.all_samples()
         final = server.snapshot()
-        alive = server.proc.poll() is None
+        alive = server.alive()
     finally:
         if load is not None:
             load.stop()

@@ -4,11 +4,6 @@ server started as a subprocess on a free loopback port."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,16 +12,34 @@ import numpy as np
 import pytest
 import torch
 
+from bench.servers import RunningServer, serve_spec
 from models.simple_nn import SimpleNN
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_WEIGHTS = ROOT / "weights" / "model.pth"
 
+# ``make test`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadfile``): the tests of one file run
+# in one worker, in file order, so that its module-scoped servers and fixtures are made once. The files that
+# are timing-sensitive or keep the CPUs busy make one unit of work, "serial": they never run at the same time
+# as each other (each may run beside a test of another file), and as the longest unit they go out first.
+# (A scheduler of our own rather than ``xdist_group`` marks: with pytest 9.2, ``--dist loadgroup`` silently
+# ignores the marks, pytest-dev/pytest-xdist#1386.)
+SERIAL = {"test_bench_smoke", "test_container", "test_faults", "test_fuzz"}
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SerialFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "serial" if Path(file).stem in SERIAL else file
+
+    config.option.loadscopereorder = False  # collection order: test_bench_smoke's "serial" comes first
+    return SerialFirst(config, log)
 
 
 def make_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -137,55 +150,19 @@ def weights_factory(tmp_path: Path):
     return make
 
 
-class ServerProcess:
-    """``python -m serve`` as a subprocess, with its log captured to a file. gRPC is served on a free port of
-    its own (``grpc_port``, ``grpc_target``; servers of parallel tests never share one) unless ``env`` says."""
+class ServerProcess(RunningServer):
+    """``python -m serve`` as a subprocess, started at once (``bench.servers.RunningServer``: its own session,
+    a log file, a free port and a free gRPC port of its own unless ``env`` says, and ``stop()`` ends the
+    whole tree). Its state folder is ``state_dir``."""
+
+    stop_grace_s = 30.0  # a draining server may take its time before the SIGKILL
 
     def __init__(self, tmp_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_port = int((env or {}).get("SIMPLENN_GRPC_PORT") or free_port())
-        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        self.log_path = tmp_dir / f"server-{self.port}.log"
-        self.state_dir = tmp_dir / f"state-{self.port}"
-        full_env = {**os.environ, "SIMPLENN_PORT": str(self.port), "SIMPLENN_GRPC_PORT": str(self.grpc_port),
-                    "SIMPLENN_HOST": "127.0.0.1",
-                    "SIMPLENN_STATE_DIR": str(self.state_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", *(args or [])], cwd=ROOT, env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()[-3000:]}")
-
-    def wait_exit(self, timeout: float = 60) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in the group
-        except ProcessLookupError:
-            pass
-        self._log.close()
+        spec = serve_spec("server-{port}", {"SIMPLENN_STATE_DIR": str(tmp_dir / "state-{port}"), **(env or {})},
+                          args or ())
+        super().__init__(spec, tmp_dir)
+        self.state_dir = Path(self._fill(spec.env["SIMPLENN_STATE_DIR"]))
+        self.launch()
 
 
 @pytest.fixture
@@ -203,14 +180,42 @@ def start_server(tmp_path: Path) -> Iterator:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server on the shipped weights for the whole session (read-only tests share it)."""
-    proc = ServerProcess(tmp_path_factory.mktemp("shared-server"), {"SIMPLENN_MAX_ROWS": "512"})
+def _shared(tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str]) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path_factory.mktemp(name), env)
     try:
-        yield proc.wait_ready()
+        proc.wait_ready()
+        yield proc
     finally:
         proc.stop()
+
+
+# Servers shared by every test of a session (of each xdist worker) that only sends requests to them: such a
+# test leaves nothing behind that another could see (a test that compares metrics takes a before and an after).
+# Tests that kill, swap weights, stop or reconfigure a server start their own with ``start_server``.
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The shipped weights, default settings but at most 512 rows per request."""
+    yield from _shared(tmp_path_factory, "shared-server", {"SIMPLENN_MAX_ROWS": "512"})
+
+
+@pytest.fixture(scope="session")
+def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One API server that waits 300 ms for more rows once its queue is drained: requests sent close together,
+    over any protocol, meet in one forward pass."""
+    yield from _shared(tmp_path_factory, "batching-server",
+                       {"SIMPLENN_BATCH_TIMEOUT_MS": "300", "SIMPLENN_API_SERVERS": "1"})
+
+
+@pytest.fixture(scope="session")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One row per forward pass of 1 s, a 64 kB queue bound, a 2.5 s request timeout, one API server.
+    (``test_grpc``'s lost-worker test SIGKILLs its worker and waits for the replacement before it returns.)"""
+    yield from _shared(tmp_path_factory, "slow-server", {
+        "SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "1.0",
+        "SIMPLENN_MAX_BATCH_SIZE": "1", "SIMPLENN_MAX_QUEUE_BYTES": "65536", "SIMPLENN_API_SERVERS": "1",
+        "SIMPLENN_REQUEST_TIMEOUT_S": "2.5"})
 
 
 @pytest.fixture(scope="session")

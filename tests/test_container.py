@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,9 @@ import httpx
 import pytest
 import torch
 
+from bench.servers import cmdline, free_port
 from models.simple_nn import SimpleNN
+from serve.versions import file_version
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "simplenn-serve:test"
@@ -126,10 +127,10 @@ def _stop_stale_daemon(pidfile: Path, socket_path: Path) -> None:
     """A dockerd that an interrupted earlier run of this test left behind (same pid file and socket)."""
     try:
         pid = int(pidfile.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except (OSError, ValueError):
         return
-    if "dockerd" in cmdline and str(socket_path) in cmdline:
+    command = (cmdline(pid) or b"").decode(errors="replace")
+    if "dockerd" in command and str(socket_path) in command:
         _log(f"stopping the dockerd (pid {pid}) an earlier run left behind")
         _stop_pid(pid)
 
@@ -315,19 +316,13 @@ def image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 # -- running containers --------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _save(state: dict, path: Path) -> str:
     """Publish weights like a real publisher: write a temporary name, then rename. Returns the version."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return file_version(path)
 
 
 def _state(seed: int) -> dict:
@@ -346,7 +341,7 @@ class Container:
     def __init__(self, docker: Docker, image: str, weights_dir: Path, env: dict[str, str] | None = None,
                  mounts: list[str] | None = None) -> None:
         self.docker = docker
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = f"simplenn-test-{self.port}"
         args = ["run", "--detach", "--name", self.name, "--label", "simplenn-test=1",
@@ -355,7 +350,7 @@ class Container:
                 "--tmpfs", "/tmp", "--tmpfs", "/var/lib/simplenn",
                 "--volume", f"{weights_dir}:/weights:ro",
                 "--env", "SIMPLENN_HOST=127.0.0.1", "--env", f"SIMPLENN_PORT={self.port}",
-                "--env", f"SIMPLENN_GRPC_PORT={_free_port()}",  # host network: never the image's 8001 twice
+                "--env", f"SIMPLENN_GRPC_PORT={free_port()}",  # host network: never the image's 8001 twice
                 "--health-interval", "1s", "--health-start-period", "60s"]
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]

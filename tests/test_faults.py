@@ -34,16 +34,15 @@ from bench.faults import (
     Load,
     Pool,
     Sample,
-    api_server_pids,
     full_pool,
     kill_api_servers,
     kill_workers,
     status,
     stop_worker,
-    version_of,
     wait_for,
-    worker_pids,
 )
+from bench.servers import api_server_pids, worker_pids
+from serve.versions import file_version
 from tests.conftest import SHIPPED_WEIGHTS, assert_matches, make_state_dict, reference_outputs, save_weights
 
 KILLS = 5
@@ -116,7 +115,7 @@ def test_sigkilled_workers_never_wedge_the_server(start_server, workers: int) ->
     within 8 s; answers are only 200 (right outputs) or 503 (only just after a kill); with 2 workers
     under 2 % of requests get 503; afterwards the configured number of workers serve one version."""
     server = start_server(env={"SIMPLENN_WORKERS": str(workers)})
-    version = version_of(SHIPPED_WEIGHTS)
+    version = file_version(SHIPPED_WEIGHTS)
     with load(server, make_pool((version, SHIPPED_WEIGHTS))) as traffic:
         time.sleep(0.5)
         kills = kill_workers(server.url, server.proc.pid, traffic, KILLS, workers, random.Random(workers), version,
@@ -149,7 +148,7 @@ def test_sigkilled_api_servers_are_replaced_and_answers_go_on(start_server) -> N
     errors (counted apart, only just after a kill); every HTTP answer is 200 or 503."""
     server = start_server(env={"SIMPLENN_API_SERVERS": "2"})
     main = server.proc.pid
-    version = version_of(SHIPPED_WEIGHTS)
+    version = file_version(SHIPPED_WEIGHTS)
     with load(server, make_pool((version, SHIPPED_WEIGHTS))) as traffic:
         time.sleep(0.5)
         kills = kill_api_servers(server.url, main, traffic, KILLS, 2, random.Random(3), gap=GAP,
@@ -186,7 +185,7 @@ def test_a_sigstopped_worker_is_killed_after_the_hang_timeout(start_server, work
     2 workers the other one keeps answering meanwhile."""
     hang = 2.0
     server = start_server(env={"SIMPLENN_WORKERS": str(workers), "SIMPLENN_HANG_TIMEOUT_S": str(hang)})
-    version = version_of(SHIPPED_WEIGHTS)
+    version = file_version(SHIPPED_WEIGHTS)
     with load(server, make_pool((version, SHIPPED_WEIGHTS)), threads=4, ping_every_s=0.1) as traffic:
         time.sleep(0.5)
         kill = stop_worker(server.url, server.proc.pid, traffic, workers, hang, random.Random(5), version,
@@ -235,7 +234,7 @@ def test_with_the_supervisor_stopped_a_dead_worker_makes_the_server_not_ready_th
                                "SIMPLENN_WORKER_START_TIMEOUT_S": "2"})
     main, url = server.proc.pid, server.url
     (worker,) = worker_pids(main)
-    pool = make_pool((version_of(SHIPPED_WEIGHTS), SHIPPED_WEIGHTS))
+    pool = make_pool((file_version(SHIPPED_WEIGHTS), SHIPPED_WEIGHTS))
     parked: list[httpx.Response | Exception] = []
 
     def send_during_outage() -> None:
@@ -279,7 +278,7 @@ def test_with_the_supervisor_stopped_a_dead_worker_makes_the_server_not_ready_th
     assert len(new_workers) == 1 and worker not in new_workers
     assert len(parked) == 1 and isinstance(parked[0], httpx.Response), f"request during the outage: {parked}{why}"
     assert parked[0].status_code == 200, f"{parked[0].status_code} {parked[0].text}{why}"
-    assert_matches(parked[0].json()["outputs"], pool.expected[version_of(SHIPPED_WEIGHTS)][-1])
+    assert_matches(parked[0].json()["outputs"], pool.expected[file_version(SHIPPED_WEIGHTS)][-1])
 
 
 # -- e. rollback, then worker kills ----------------------------------------------------------------------------------
@@ -290,11 +289,11 @@ def test_a_rollback_holds_across_worker_kills(start_server, weights_factory) -> 
     then both at once (no worker left: as with 1 worker): every answer carries the first version, the
     replacements serve it, and status shows one version with the second as previous."""
     path, first_state = weights_factory(1)
-    first = version_of(path)
+    first = file_version(path)
     server = start_server(env={"SIMPLENN_WEIGHTS": str(path), "SIMPLENN_WORKERS": "2", "SIMPLENN_ADMIN_TOKEN": TOKEN})
     url, main = server.url, server.proc.pid
     save_weights(path, make_state_dict(2))
-    second = version_of(path)
+    second = file_version(path)
     assert second != first
     assert wait_for(lambda: full_pool(url, main, 2, second), 15), f"{second} never served{server.log()[-3000:]}"
     response = httpx.post(url + "/admin/rollback", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
@@ -329,10 +328,10 @@ def test_a_new_version_reaches_both_workers_within_a_second(start_server, weight
     """2 workers under load, a new weights file: both workers report it within 1 s of each other, and no
     answer carries the old version more than 1 s after the first answer of the new one."""
     path, first_state = weights_factory(1)
-    first = version_of(path)
+    first = file_version(path)
     staged_state = make_state_dict(2)
     staged = save_weights(tmp_path / "staged" / "model.pth", staged_state)
-    second = version_of(staged)
+    second = file_version(staged)
     server = start_server(env={"SIMPLENN_WEIGHTS": str(path), "SIMPLENN_WORKERS": "2"})
     switched: dict[int, float] = {}  # worker -> when status first showed it on the new version
 

@@ -23,7 +23,6 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,6 +34,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from bench.servers import alive, process_tree
 from tests.conftest import SHIPPED_WEIGHTS, ServerProcess, assert_matches, reference_outputs
 
 pytestmark = pytest.mark.timeout(300)
@@ -101,23 +101,6 @@ def short(data: bytes | str | None, limit: int = 600) -> str:
 # -- the server ----------------------------------------------------------------------------------------
 
 
-def _process_tree(pid: int) -> set[int]:
-    """``pid`` and all its descendants, from /proc."""
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in tree:
-                    tree.add(child)
-                    frontier.append(child)
-    return tree
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server of its own on the shipped weights with the default limits (a crash here hurts no other test)."""
@@ -125,7 +108,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     try:
         proc.wait_ready()
         time.sleep(0.5)  # let every API server process come up before the tree is recorded
-        proc.processes = _process_tree(proc.proc.pid)  # type: ignore[attr-defined]
+        proc.processes = {pid for pid in process_tree(proc.pid) if alive(pid)}  # type: ignore[attr-defined]
         yield proc
     finally:
         proc.stop()
@@ -593,9 +576,9 @@ def test_server_still_answers_correctly_after_fuzzing(fuzz_server: ServerProcess
     assert http.get("/health/ready").status_code == 200
 
     assert fuzz_server.proc.poll() is None, "the server exited"
-    alive = _process_tree(fuzz_server.proc.pid)
-    lost = fuzz_server.processes - alive  # type: ignore[attr-defined]
-    assert not lost, f"server processes died during fuzzing: {sorted(lost)}; now {sorted(alive)}"
+    living = {pid for pid in process_tree(fuzz_server.pid) if alive(pid)}
+    lost = fuzz_server.processes - living  # type: ignore[attr-defined]
+    assert not lost, f"server processes died during fuzzing: {sorted(lost)}; now {sorted(living)}"
     log = fuzz_server.log()
     for marker in ("Exception in ASGI application", "unexpected error", "Traceback"):
         assert marker not in log, f"the server logged {marker!r}:\n{log[max(0, log.index(marker) - 200):][:3000]}"

@@ -9,7 +9,6 @@ kserve/kserve#3099). Our stubs are generated from KServe's proto, so they are it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -31,9 +30,10 @@ from serve.grpc_gen import generate
 from serve.grpc_gen import grpc_predict_v2_pb2 as pb
 from serve.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
 from serve.grpc_gen import health_pb2, health_pb2_grpc
+from serve.versions import file_version
 from tests.conftest import SHIPPED_WEIGHTS, ServerProcess, assert_matches, reference_outputs
 
-VERSION = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()[:12]
+VERSION = file_version(SHIPPED_WEIGHTS)
 RNG = np.random.default_rng(11)
 SERVICE = "/inference.GRPCInferenceService/"
 INFER = SERVICE + "ModelInfer"
@@ -326,9 +326,9 @@ def test_our_messages_match_the_stock_client_on_the_wire() -> None:
         same(pb.DESCRIPTOR.message_types_by_name[name], triton_pb.DESCRIPTOR.message_types_by_name[name])
 
 
-# -- servers of their own ----------------------------------------------------------------------------
-def test_1000_rows_and_grpc_and_http_requests_share_one_forward_pass(start_server) -> None:
-    server = start_server(env={"SIMPLENN_BATCH_TIMEOUT_MS": "300", "SIMPLENN_API_SERVERS": "1"})
+# -- the batching and the slow server (conftest; shared with test_transport and test_protocols) -----------
+def test_1000_rows_and_grpc_and_http_requests_share_one_forward_pass(batching_server: ServerProcess) -> None:
+    server = batching_server
     x = RNG.standard_normal((1000, 10)).astype(np.float32)
     expected = reference_outputs(SHIPPED_WEIGHTS, x)
     client = triton.InferenceServerClient(server.grpc_target)
@@ -352,19 +352,6 @@ def test_1000_rows_and_grpc_and_http_requests_share_one_forward_pass(start_serve
     passes = sample(after, "simplenn_batch_size_rows_count") - sample(metrics, "simplenn_batch_size_rows_count")
     rows = sample(after, "simplenn_batch_size_rows_sum") - sample(metrics, "simplenn_batch_size_rows_sum")
     assert (passes, rows) == (1, 9)
-
-
-@pytest.fixture(scope="module")
-def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One row per forward pass of 1 s, a 64 kB queue bound, a 2.5 s request timeout, one API server."""
-    proc = ServerProcess(tmp_path_factory.mktemp("grpc-slow"), {
-        "SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "1.0",
-        "SIMPLENN_MAX_BATCH_SIZE": "1", "SIMPLENN_MAX_QUEUE_BYTES": "65536", "SIMPLENN_API_SERVERS": "1",
-        "SIMPLENN_REQUEST_TIMEOUT_S": "2.5"})
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
 
 
 def _timed(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest,
@@ -424,6 +411,7 @@ def test_a_lost_worker_is_unavailable_fast_and_is_replaced(slow_server: ServerPr
             grpc.StatusCode.OK
 
 
+# -- a server of its own ------------------------------------------------------------------------------------
 def test_sigterm_during_a_stream_of_rpcs_loses_nothing_accepted(start_server) -> None:
     server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "0.02",
                                "SIMPLENN_DRAIN_S": "2.0", "SIMPLENN_ACCESS_LOG": "true"})

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 from packaging.tags import sys_tags
 
+from bench.servers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.prefix)
 TORCH_PIN = "torch==2.13.0+cpu"
@@ -173,9 +175,7 @@ def test_a_local_wheel_needs_no_cpu_index(indexes: dict, tmp_path: Path) -> None
 
 
 def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/cpu"
+    return f"http://127.0.0.1:{free_port()}/cpu"
 
 
 @pytest.fixture(params=["closed port", "silent server"])

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
+from serve.versions import file_version
 from tests.conftest import SHIPPED_WEIGHTS, assert_matches, reference_outputs
 
-SHIPPED_VERSION = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()[:12]
+SHIPPED_VERSION = file_version(SHIPPED_WEIGHTS)
 RNG = np.random.default_rng(42)
 
 
@@ -97,9 +97,9 @@ def test_body_over_the_size_limit_is_413(client: httpx.Client) -> None:
     assert "limit" in response.json()["error"]
 
 
-def test_bad_requests_never_hurt_good_ones_in_the_same_batch(start_server) -> None:
-    # A 30 ms batch window makes concurrent good and bad requests land in the same batches.
-    server = start_server(env={"SIMPLENN_BATCH_TIMEOUT_MS": "30"})
+def test_bad_requests_never_hurt_good_ones_in_the_same_batch(batching_server) -> None:
+    # A 300 ms batch window makes concurrent good and bad requests land in the same batches.
+    server = batching_server
     rows = RNG.standard_normal((24, 10))
     bodies = [(i, {"input": rows[i].tolist()}) for i in range(24)]
     bad = [{"input": [1, 2]}, {"input": [0] * 9 + ["x"]}, {"inputs": []}, {"nope": 1}] * 6

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 
 import httpx
 import numpy as np
@@ -11,9 +10,10 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from serve.versions import file_version
 from tests.conftest import SHIPPED_WEIGHTS, assert_matches, reference_outputs
 
-VERSION = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()[:12]
+VERSION = file_version(SHIPPED_WEIGHTS)
 RNG = np.random.default_rng(5)
 
 

@@ -3,7 +3,6 @@ polling alone, rollback, status and admin routes."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -14,14 +13,11 @@ import httpx
 import numpy as np
 import torch
 
+from serve.versions import file_version
 from tests.conftest import HOSTILE_KINDS, NOT_CANDIDATES, assert_matches, make_state_dict, reference_outputs, save_weights, write_hostile
 
 ROWS = np.random.default_rng(3).standard_normal((4, 10))
 FAST_RELOAD = {"SIMPLENN_POLL_INTERVAL_S": "0.2", "SIMPLENN_RELOAD_DEBOUNCE_S": "0.1"}
-
-
-def version_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def predict(url: str) -> dict:
@@ -43,7 +39,7 @@ def wait_for_version(url: str, version: str, timeout: float = 10) -> float:
 def assert_serves(url: str, state: dict, path: Path | None = None) -> None:
     body = predict(url)
     if path is not None:
-        assert body["model_version"] == version_of(path)
+        assert body["model_version"] == file_version(path)
     assert_matches(body["outputs"], reference_outputs(state, ROWS))
 
 
@@ -52,7 +48,7 @@ def test_twenty_swaps_under_load_fail_nothing_and_every_answer_matches_its_versi
     weights = tmp_path / "live" / "model.pth"
     states = {}
     save_weights(weights, make_state_dict(100))
-    states[version_of(weights)] = make_state_dict(100)
+    states[file_version(weights)] = make_state_dict(100)
     server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_BATCH_TIMEOUT_MS": "2"})
     answers: list[tuple[int, dict]] = []
     stop = threading.Event()
@@ -71,8 +67,8 @@ def test_twenty_swaps_under_load_fail_nothing_and_every_answer_matches_its_versi
         for seed in range(101, 121):
             state = make_state_dict(seed)
             save_weights(weights, state)  # atomic rename over the served file
-            states[version_of(weights)] = state
-            delays.append(wait_for_version(server.url, version_of(weights)))
+            states[file_version(weights)] = state
+            delays.append(wait_for_version(server.url, file_version(weights)))
     finally:
         stop.set()
         for thread in threads:
@@ -90,7 +86,7 @@ def test_bad_files_are_rejected_while_the_old_version_keeps_answering(start_serv
     weights = tmp_path / "model.pth"
     good_state = make_state_dict(7)
     save_weights(weights, good_state)
-    good_version = version_of(weights)
+    good_version = file_version(weights)
     server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_MAX_WEIGHTS_BYTES": "4096",
                                **FAST_RELOAD})
     seen_at = 0.0
@@ -142,7 +138,7 @@ def test_half_written_file_is_never_served(start_server, tmp_path: Path) -> None
             assert_serves(server.url, old)
             time.sleep(0.1)
         out.write(data[len(data) // 2:])
-    wait_for_version(server.url, version_of(staged))
+    wait_for_version(server.url, file_version(staged))
     assert_serves(server.url, new, weights)
 
 
@@ -155,7 +151,7 @@ def test_directory_mode_serves_the_highest_version(start_server, tmp_path: Path)
     staging = root / ".10.tmp"
     save_weights(staging / "model.pth", make_state_dict(13))
     os.replace(staging, root / "10")  # a new version directory appears atomically
-    wait_for_version(server.url, version_of(root / "10" / "model.pth"))
+    wait_for_version(server.url, file_version(root / "10" / "model.pth"))
     assert_serves(server.url, make_state_dict(13))
 
 
@@ -179,7 +175,7 @@ def test_kubelet_data_swap_is_picked_up_twice_in_a_row(start_server, tmp_path: P
     assert_serves(server.url, make_state_dict(21))
     for seed, stamp in ((22, "2026_11_29_17_01_00.2"), (23, "2026_11_29_17_02_00.3")):
         published = _kubelet_publish(volume, make_state_dict(seed), stamp)
-        wait_for_version(server.url, version_of(published))
+        wait_for_version(server.url, file_version(published))
         assert_serves(server.url, make_state_dict(seed))
 
 
@@ -188,7 +184,7 @@ def test_polling_alone_notices_a_swap(start_server, tmp_path: Path) -> None:
     save_weights(weights, make_state_dict(31))
     server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_WATCH_EVENTS": "false", **FAST_RELOAD})
     save_weights(weights, make_state_dict(32))
-    wait_for_version(server.url, version_of(weights))
+    wait_for_version(server.url, file_version(weights))
     assert_serves(server.url, make_state_dict(32))
 
 
@@ -200,10 +196,10 @@ def test_admin_routes_are_absent_without_a_token(client: httpx.Client) -> None:
 def test_rollback_and_rescan_need_the_token_and_work(start_server, tmp_path: Path) -> None:
     weights = tmp_path / "model.pth"
     save_weights(weights, make_state_dict(41))
-    first = version_of(weights)
+    first = file_version(weights)
     server = start_server(env={"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_ADMIN_TOKEN": "s3cret", **FAST_RELOAD})
     save_weights(weights, make_state_dict(42))
-    second = version_of(weights)
+    second = file_version(weights)
     wait_for_version(server.url, second)
     assert httpx.post(server.url + "/admin/rollback", timeout=5).status_code == 401
     assert httpx.post(server.url + "/admin/rollback", headers={"Authorization": "Bearer nope"},

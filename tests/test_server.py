@@ -14,37 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.servers import alive, process_tree, worker_pids
 from tests.conftest import HOSTILE_KINDS, ROOT, SHIPPED_WEIGHTS, assert_matches, reference_outputs, write_hostile
-
-
-def _tree(pid: int) -> set[int]:
-    """pid and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        found.add(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
 
 
 def test_health_live_and_ready(client: httpx.Client) -> None:
@@ -93,9 +64,9 @@ def test_a_worker_that_cannot_serve_stops_startup_with_its_reason(start_server, 
 
 def test_only_the_inference_workers_load_torch(server) -> None:
     """The supervisor and the API servers never import torch: they cost tens of MiB, not hundreds."""
-    tree = _tree(server.proc.pid)
+    tree = {pid for pid in process_tree(server.pid) if alive(pid)}
     loads_torch = {pid: "libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in tree}
-    workers = {pid for pid in tree if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")}
+    workers = worker_pids(server.pid)
     assert workers and all(loads_torch[pid] for pid in workers)
     assert not any(loads for pid, loads in loads_torch.items() if pid not in workers), loads_torch
 
@@ -128,7 +99,7 @@ def test_torchscript_mode_gives_the_same_answers(start_server) -> None:
 def test_sigterm_drains_in_flight_requests_and_leaves_no_process(start_server) -> None:
     server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "0.4",
                                "SIMPLENN_DRAIN_S": "1.0", "SIMPLENN_MAX_BATCH_SIZE": "1"})
-    tree = _tree(server.proc.pid)
+    tree = process_tree(server.pid)
     assert len(tree) >= 4  # main, manager, worker, API server(s)
     results: list[int] = []
 
@@ -149,16 +120,15 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(start_server) -
     assert results == [200] * 4
     assert server.wait_exit(30) == 0
     deadline = time.monotonic() + 10
-    while _alive(tree) and time.monotonic() < deadline:
+    while any(map(alive, tree)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(tree), "processes left behind"
+    assert not any(map(alive, tree)), f"processes left behind: {sorted(filter(alive, tree))}"
 
 
 def test_a_killed_worker_fails_its_requests_with_503_fast_and_is_replaced(start_server) -> None:
     server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "3",
                                "SIMPLENN_REQUEST_TIMEOUT_S": "60"})
-    workers = [pid for pid in _tree(server.proc.pid)
-               if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    workers = list(worker_pids(server.pid))
     assert len(workers) == 1
     results: list[tuple[int, float]] = []
 

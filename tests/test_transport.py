@@ -96,8 +96,8 @@ def test_a_lost_api_server_connection_is_made_again(linked) -> None:
         conn.frames()
 
 
-def test_a_v2_request_and_a_native_request_share_one_forward_pass(start_server) -> None:
-    server = start_server(env={"SIMPLENN_BATCH_TIMEOUT_MS": "300", "SIMPLENN_API_SERVERS": "1"})
+def test_a_v2_request_and_a_native_request_share_one_forward_pass(batching_server) -> None:
+    server = batching_server
     before = httpx.get(server.url + "/metrics").text
     v2 = {"inputs": [{"name": "input", "shape": [8, 10], "datatype": "FP32", "data": [0.25] * 80}]}
     with ThreadPoolExecutor(2) as pool:
@@ -112,22 +112,22 @@ def test_a_v2_request_and_a_native_request_share_one_forward_pass(start_server) 
     assert a.result().json()["outputs"][0]["data"][0] == b.result().json()["output"]
 
 
-def test_concurrent_requests_are_batched(start_server) -> None:
-    server = start_server(env={"SIMPLENN_BATCH_TIMEOUT_MS": "20"})
+def test_concurrent_requests_are_batched(batching_server) -> None:
+    server = batching_server
+    before = httpx.get(server.url + "/metrics").text
     with ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(lambda _: httpx.post(server.url + "/predict", json={"input": [1.0] * 10},
                                                       timeout=10).status_code, range(64)))
     assert statuses == [200] * 64
-    text = httpx.get(server.url + "/metrics").text
-    batches = _sample(text, "simplenn_batch_size_rows_count")
-    assert _sample(text, "simplenn_batch_size_rows_sum") >= 64
+    after = httpx.get(server.url + "/metrics").text
+    batches = _sample(after, "simplenn_batch_size_rows_count") - _sample(before, "simplenn_batch_size_rows_count")
+    rows = _sample(after, "simplenn_batch_size_rows_sum") - _sample(before, "simplenn_batch_size_rows_sum")
+    assert rows == 64
     assert batches < 64 * 0.75, f"{batches} forward passes for 64 concurrent requests"
 
 
-def test_a_full_queue_answers_503_with_retry_after_at_once(start_server) -> None:
-    server = start_server(env={"SIMPLENN_MODEL_CLASS": "tests.user_models:SlowSimpleNN", "SLOW_FORWARD_S": "1.0",
-                               "SIMPLENN_MAX_BATCH_SIZE": "1", "SIMPLENN_MAX_QUEUE_BYTES": "65536",
-                               "SIMPLENN_API_SERVERS": "1"})
+def test_a_full_queue_answers_503_with_retry_after_at_once(slow_server) -> None:
+    server = slow_server  # 1 s per forward pass of one request, a 64 kB queue bound, one API server
     body = {"inputs": [[0.5] * 10] * 1000}  # 40 kB of float32 per queued request
 
     def send(_: int) -> tuple[int, float, str | None]:

@@ -28,7 +28,8 @@ import torch
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field, model_validator
 
-from bench.model import IN_FEATURES, load_model, weights_version
+from bench.model import IN_FEATURES, load_model
+from serve.versions import file_version
 
 Row = Annotated[list[float], Field(min_length=IN_FEATURES, max_length=IN_FEATURES)]
 
@@ -62,7 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
     weights = Path(os.environ.get("BENCH_WEIGHTS", "weights/model.pth"))
     app.state.model = load_model(weights)
-    app.state.version = weights_version(weights)
+    app.state.version = file_version(weights)
     yield
 
 
