@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from serve.errors import WeightsError
-from serve.versions import version_of
+from serve.versions import read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -191,16 +191,7 @@ def load_model(path: Path, options: LoadOptions, expected_sha256: str | None = N
     Raises ``WeightsError`` (with ``reason``) for any file that must not be served.
     """
     shown = origin or path
-    try:
-        size = path.stat().st_size
-        if size > options.max_bytes:
-            raise WeightsError(shown, f"is {size} bytes, over the limit of {options.max_bytes}", "too_large")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise WeightsError(shown, f"cannot be read: {exc.strerror or exc}", "unreadable") from None
-    version, digest = version_of(data)
-    if expected_sha256 and expected_sha256.lower() != digest:
-        raise WeightsError(shown, f"sha256 {digest} does not match its sidecar ({expected_sha256})", "digest")
+    data, version, digest = read_weights(path, options.max_bytes, expected_sha256, shown)
     state = read_state_dict(shown, data, options.device)
     module = import_model_class(options.model_class)()
     check_state_dict(shown, state, module)

@@ -25,6 +25,24 @@ def version_of(data: bytes) -> tuple[str, str]:
     return digest[:12], digest
 
 
+def read_weights(path: Path, max_bytes: int, expected_sha256: str | None,
+                 shown: Path | None = None) -> tuple[bytes, str, str]:
+    """(bytes, version id, sha256) of a weights file, read once; ``WeightsError`` naming ``shown`` (default
+    ``path``) when it is over ``max_bytes``, unreadable, or not the ``expected_sha256`` (its sidecar's)."""
+    shown = shown or path
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise WeightsError(shown, f"is {size} bytes, over the limit of {max_bytes}", "too_large")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(shown, f"cannot be read: {exc.strerror or exc}", "unreadable") from None
+    version, digest = version_of(data)
+    if expected_sha256 and expected_sha256.lower() != digest:
+        raise WeightsError(shown, f"sha256 {digest} does not match its sidecar ({expected_sha256})", "digest")
+    return data, version, digest
+
+
 def file_version(path: Path) -> str:
     """The version id the server gives the weights file at ``path`` (what ``X-Model-Version`` will say)."""
     return version_of(path.read_bytes())[0]
@@ -56,17 +74,7 @@ class VersionStore:
     def pin(self, candidate: Candidate) -> Version:
         """Read, check and snapshot a candidate; ``WeightsError`` (too large, unreadable, digest)."""
         path = candidate.path
-        try:
-            size = path.stat().st_size
-            if size > self.max_bytes:
-                raise WeightsError(path, f"is {size} bytes, over the limit of {self.max_bytes}", "too_large")
-            data = path.read_bytes()
-        except OSError as exc:
-            raise WeightsError(path, f"cannot be read: {exc.strerror or exc}", "unreadable") from None
-        version, digest = version_of(data)
-        if candidate.expected_sha256 and candidate.expected_sha256.lower() != digest:
-            raise WeightsError(path, f"sha256 {digest} does not match its sidecar ({candidate.expected_sha256})",
-                               "digest")
+        data, version, digest = read_weights(path, self.max_bytes, candidate.expected_sha256)
         snapshot = self.folder / (digest + path.suffix)
         if not snapshot.exists():
             tmp = snapshot.with_name(f".{snapshot.name}.tmp")
