@@ -12,6 +12,7 @@ Runs on the control hub's thread only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -120,7 +121,8 @@ class Picker:
         self.seen: list[Candidate] = []
 
     def pick(self, served: Version | None) -> Version | None:
-        """The version to stage, or None when ``served`` is still the best (or nothing is servable)."""
+        """The best candidate, pinned (possibly ``served``'s bytes under a new name), or None when ``served`` is
+        still the best or nothing is servable."""
         for candidate in self.seen:
             if candidate.fingerprint in self.known_bad:
                 continue
@@ -131,8 +133,6 @@ class Picker:
             except WeightsError as exc:
                 self.reject(candidate.fingerprint, exc.message, exc.reason)
                 continue
-            if served is not None and version.sha256 == served.sha256:  # the same bytes, renamed
-                return None
             return version
         return None
 
@@ -200,10 +200,13 @@ class VersionManager:
         if self.staging is not None:
             return
         version = self.picker.pick(self.served)
-        if version is not None:
+        if version is None:
+            if self.served is None:
+                self.startup.fail(self.picker.first_error())
+        elif self.served is not None and version.sha256 == self.served.sha256:  # the same bytes, renamed:
+            self.served = dataclasses.replace(self.served, fingerprint=version.fingerprint)  # not read again
+        else:
             self._stage(version)
-        elif self.served is None:
-            self.startup.fail(self.picker.first_error())
 
     def _stage(self, version: Version) -> None:
         self.staging, self.loaded_by = version, set()

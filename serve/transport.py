@@ -39,7 +39,6 @@ import numpy as np
 import orjson
 from litserve.transport.base import MessageTransport
 
-from serve import metrics
 from serve.channel import ChannelClosed, Connection, accept, frame, listen
 from serve.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, WorkerLost
 
@@ -358,9 +357,11 @@ class Transport(MessageTransport):
         try:
             self.workers.submit(uid, future, np.ascontiguousarray(values, dtype=np.float32))
             return await future
+        except BaseException:  # timed out, cancelled or refused: drop what a worker or the parking still holds
+            self.workers.forget(uid)
+            raise
         finally:
             timer.cancel()
-            self.workers.forget(uid)
 
     def send(self, item: Any, consumer_id: int) -> None:
         """Unused: workers answer over their own connections."""
