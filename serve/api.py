@@ -24,7 +24,7 @@ from litserve.specs.base import LitSpec
 
 from serve.control import ControlClient
 from serve.logs import configure_logging
-from serve.process import detach_worker
+from serve.process import detach_worker, freeze_heap
 from serve.settings import Settings
 from serve.transport import Layout
 from serve.worker import BatchingLoop
@@ -73,6 +73,7 @@ class ServingAPI(ls.LitAPI):
                               self.settings.max_weights_bytes, self.settings.golden, self.settings.golden_tolerance)
         self.registry = ModelRegistry(options, worker_id)
         follow_commands(client, self.registry, until_serving=True)
+        freeze_heap()  # torch and the model: no full collection walks them again
         threading.Thread(target=self._follow, args=(client,), name="control", daemon=True).start()
 
     def _follow(self, client: ControlClient) -> None:

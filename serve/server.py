@@ -25,7 +25,7 @@ from serve.api import ServingAPI
 from serve.errors import install_error_handlers
 from serve.litserve_adapter import AdaptedLitServer
 from serve.logs import configure_logging
-from serve.process import supervise_forked_children
+from serve.process import freeze_heap, supervise_forked_children
 from serve.protocols import NativeProtocol, ServingContext, register_protocols
 from serve.routes import RequestMiddleware, register_operational_routes
 from serve.schemas import RowSchema
@@ -114,6 +114,7 @@ class SimpleNNServer:
             lambda stack: RequestMiddleware(protocols.wrap(stack), settings, self._on_api_server_start,
                                             self._on_api_server_stop),
             drop_paths=("/", "/health", "/info"))
+        freeze_heap()  # what the API servers inherit stays shared and out of their collections
 
     async def _on_api_server_start(self) -> None:
         """In a freshly forked API server, as its event loop starts: follow the supervisor, serve gRPC."""
@@ -121,6 +122,7 @@ class SimpleNNServer:
         from serve.grpc_protocol import start_grpc  # imported here: no gRPC state in the supervisor's forks
 
         self.grpc = await start_grpc(self.context, self.settings)
+        freeze_heap()
 
     async def _on_api_server_stop(self) -> None:
         """In an API server whose HTTP requests have finished: stop gRPC, letting RPCs in flight finish."""

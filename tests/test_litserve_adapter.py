@@ -1,13 +1,13 @@
-"""The LitServe internals that serve.litserve_adapter relies on exist in the installed LitServe, with the
-parameters it expects. On another LitServe version this fails with one line naming what moved."""
+"""The LitServe (and uvicorn) internals that serve.litserve_adapter relies on exist in the installed
+packages, with the parameters it expects. On another version this fails with one line naming what moved."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import pkgutil
 
-import litserve
 import pytest
 
 import serve
@@ -29,14 +29,16 @@ def _resolve(dotted: str) -> object:
 
 @pytest.mark.parametrize("dotted", sorted(TOUCHPOINTS))
 def test_touchpoint_exists_with_the_expected_parameters(dotted: str) -> None:
+    package = dotted.split(".")[0]
+    installed = f"{package} {importlib.metadata.version(package)}"
     try:
         target = _resolve(dotted)
     except (ImportError, AttributeError) as exc:
-        pytest.fail(f"LitServe {litserve.__version__}: {dotted} is gone ({exc}); see serve/litserve_adapter.py",
+        pytest.fail(f"{installed}: {dotted} is gone ({exc}); see serve/litserve_adapter.py",
                     pytrace=False)
     found = tuple(inspect.signature(target).parameters)
     if found != TOUCHPOINTS[dotted]:
-        pytest.fail(f"LitServe {litserve.__version__}: {dotted}{found} changed, expected {TOUCHPOINTS[dotted]}; "
+        pytest.fail(f"{installed}: {dotted}{found} changed, expected {TOUCHPOINTS[dotted]}; "
                     "see serve/litserve_adapter.py", pytrace=False)
 
 
