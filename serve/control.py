@@ -10,8 +10,11 @@ supervisor sees at once. Messages (``t`` is the type):
   error, reason}
 * supervisor -> worker: ``load`` (verify and keep aside) / ``serve`` (load if needed, then serve) with
   {version, sha256, path, origin}
-* API server -> supervisor: ``hello`` {role, id}, ``rescan``, ``rollback``
-* supervisor -> API server: ``state`` {the snapshot shown by the status routes, plus ``draining``}
+* API server -> supervisor: ``hello`` {role, id}, ``rescan``, ``rollback``, ``pong`` {n}
+* supervisor -> API server: ``state`` {the snapshot shown by the status routes, plus ``draining``},
+  ``ping`` {n}: every ``SIMPLENN_HANG_TIMEOUT_S / 3`` s (at least 1 s), answered by ``pong`` with the
+  same ``n`` from the API server's event loop; one that leaves a ping unanswered for the hang timeout
+  is killed (:mod:`serve.heartbeat`). Workers are not pinged.
 
 :class:`Hub` is the supervisor's side: one thread, one ``selectors`` loop, no polling.
 """

@@ -23,6 +23,7 @@ from typing import Any
 from serve import metrics
 from serve.control import Hub, Peer
 from serve.errors import WeightsError, WeightsNotFoundError
+from serve.heartbeat import Heartbeat
 from serve.source import Candidate, WeightsSource
 from serve.versions import Version, VersionStore
 
@@ -284,10 +285,11 @@ class VersionManager:
 
 
 class ControlRouter:
-    """The control hub's handler: keeps the fleet's records and passes what matters to the manager."""
+    """The control hub's handler: keeps the fleet's records and passes what matters to the manager (and
+    the API servers' pongs to the heartbeat)."""
 
-    def __init__(self, manager: VersionManager) -> None:
-        self.manager, self.fleet = manager, manager.fleet
+    def __init__(self, manager: VersionManager, heartbeat: Heartbeat | None = None) -> None:
+        self.manager, self.fleet, self.heartbeat = manager, manager.fleet, heartbeat
 
     def on_hello(self, peer: Peer) -> None:
         self.fleet.join(peer)
@@ -302,7 +304,10 @@ class ControlRouter:
 
     def on_message(self, peer: Peer, message: dict[str, Any]) -> None:
         kind, version = message.get("t"), message.get("version")
-        if kind == "rescan":
+        if kind == "pong":
+            if self.heartbeat is not None:
+                self.heartbeat.pong(peer, int(message["n"]))
+        elif kind == "rescan":
             self.manager.rescan()
         elif kind == "rollback":
             self.manager.rollback()

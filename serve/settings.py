@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     max_weights_bytes: int = Field(1 << 30, ge=1024, description="Largest weights file accepted.")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest wait for an answer (504 beyond).")
     hang_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="A worker holding requests this long without answering is replaced.")
+        30.0, gt=0, le=3600,
+        description="A worker holding requests, or an API server leaving a ping unanswered, this long is replaced.")
     worker_start_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="Longest a worker may take to load a version; also the liveness margin.")
     workers: int = Field(1, ge=1, le=64, description="Inference worker processes (one model each).")

@@ -3,7 +3,8 @@
 The supervisor pushes its state (served and previous version, each worker's version, the last reload,
 draining) over the control channel whenever it changes; the API server's own connections say whether
 a worker can take a request now (:class:`serve.transport.Transport`). Nothing is polled, and nothing is
-read from files per request.
+read from files per request. The supervisor's pings are answered from this event loop, so an API server
+whose loop is stopped or blocked is killed and replaced (:mod:`serve.heartbeat`).
 
 * **ready**: not draining, and a worker is connected to this API server and not being killed for a hang.
 * **live**: this API server has not been stuck for longer than the hang timeout plus a worker start:
@@ -50,6 +51,16 @@ class ServerView:
         for message in messages:
             if message.get("t") == "state":
                 self.state = message
+            elif message.get("t") == "ping":  # answered from this loop: a blocked loop does not answer
+                self._send({"t": "pong", "n": message["n"]})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        """Send one message to the supervisor; a supervisor that is gone is noticed by its EOF."""
+        assert self.client is not None
+        try:
+            self.client.send(message)
+        except ChannelClosed:
+            pass
 
     def ready(self) -> bool:
         """True when this API server can have a request answered now."""

@@ -2,9 +2,10 @@
 monitor). It owns the control hub and the version manager, starts the weights source, and keeps every
 child alive: an inference worker or API server that exits is replaced at once (with a growing delay
 while replacements keep dying young), event-driven, by waiting on the processes' sentinels from the
-main thread, which is also the only thread that forks. It stops replacing children once the server
-drains. How a child is started is LitServe's business (:mod:`serve.litserve_adapter` passes the two
-starters in).
+main thread, which is also the only thread that forks. An API server that is alive but hung (stopped,
+or its event loop blocked) is SIGKILLed by the heartbeat (:mod:`serve.heartbeat`), and so replaced
+too. It stops replacing children once the server drains. How a child is started is LitServe's
+business (:mod:`serve.litserve_adapter` passes the two starters in).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 from serve import metrics
 from serve.control import Hub
 from serve.errors import WeightsNotFoundError
-from serve.manager import ControlRouter, SourceFollower, VersionManager
+from serve.heartbeat import Heartbeat
+from serve.manager import ControlRouter, Fleet, SourceFollower, VersionManager
 from serve.settings import Settings
 from serve.source import WeightsSource
 from serve.transport import Layout
@@ -93,8 +95,10 @@ class Supervisor:
             source.close()
             raise StartupError(exc.message) from None
         self.layout.listen()
-        self.hub = self.manager.hub = Hub(self.layout.control, ControlRouter(self.manager))
+        heartbeat = Heartbeat(self.manager.fleet.apis.values, Fleet.kill, self.settings.hang_timeout_s)
+        self.hub = self.manager.hub = Hub(self.layout.control, ControlRouter(self.manager, heartbeat))
         self.hub.start()
+        heartbeat.start(self.hub)
         self.hub.call_soon(lambda: self.manager.on_candidates(candidates))
         SourceFollower(source, self.manager, self.hub).start(candidates)
 

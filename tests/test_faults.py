@@ -16,9 +16,13 @@ versions (100 kills and more, with a table of figures) are ``bench/faults.py``.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import random
+import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -41,7 +45,7 @@ from bench.faults import (
     stop_worker,
     wait_for,
 )
-from bench.servers import api_server_pids, worker_pids
+from bench.servers import alive, api_server_pids, worker_pids
 from serve.versions import file_version
 from tests.conftest import SHIPPED_WEIGHTS, assert_matches, make_state_dict, reference_outputs, save_weights
 
@@ -361,3 +365,101 @@ def test_a_new_version_reaches_both_workers_within_a_second(start_server, weight
     assert not stale, f"old-version answers more than 1 s after the first new one: {stale[:3]}{why}"
     body = status(server.url)
     assert body is not None and body["version"] == second and body["versions"] == [second], body
+
+
+# -- g. SIGSTOP of an API server -----------------------------------------------------------------------------------
+
+
+def held_by(sock: socket.socket, pids: set[int]) -> int | None:
+    """Which of ``pids`` holds the server's end of the loopback TCP connection ``sock`` (from /proc)."""
+    client_port, server_port = sock.getsockname()[1], sock.getpeername()[1]
+    ends = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, inode = (line.split()[i] for i in (1, 2, 9))
+        if int(local.rsplit(":", 1)[1], 16) == server_port and int(remote.rsplit(":", 1)[1], 16) == client_port:
+            ends.add(f"socket:[{inode}]")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in ends:
+                    return pid
+    return None
+
+
+def predict_on(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, int | Exception]:
+    """One /predict on ``conn`` (keep-alive): (seconds it took, the status or the exception it raised)."""
+    started = time.monotonic()
+    try:
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return time.monotonic() - started, response.status
+    except (OSError, http.client.HTTPException) as exc:
+        return time.monotonic() - started, exc
+
+
+def test_a_sigstopped_api_server_is_killed_and_replaced(start_server) -> None:
+    """SIGSTOP the API server (of 2, SIMPLENN_HANG_TIMEOUT_S=2, so a ping a second) that holds a keep-alive
+    connection, under load: the supervisor SIGKILLs it 2 to 3 s later (one error line) and a new one
+    replaces it within 5 s; the request sent on that connection after the stop fails as a connection
+    error at the kill instead of hanging; requests on fresh connections get 200 throughout; the other
+    API server (which answers its pings) lives on."""
+    hang = 2.0
+    server = start_server(env={"SIMPLENN_API_SERVERS": "2", "SIMPLENN_HANG_TIMEOUT_S": str(hang)})
+    main = server.proc.pid
+    version = file_version(SHIPPED_WEIGHTS)
+    pool = make_pool((version, SHIPPED_WEIGHTS))
+    pids = wait_for(lambda: found if len(found := api_server_pids(main)) == 2 else None, 10)
+    assert pids, f"2 API servers never ran{server.log()[-3000:]}"
+    held = http.client.HTTPConnection("127.0.0.1", server.port, timeout=hang + 20)
+    assert predict_on(held, pool.bodies[0])[1] == 200
+    victim = held_by(held.sock, pids)
+    assert victim is not None, "no API server holds the keep-alive connection"
+    (other,) = pids - {victim}
+    outcome: list[tuple[float, int | Exception]] = []
+    sender = threading.Thread(target=lambda: outcome.append(predict_on(held, pool.bodies[0])))
+
+    with load(server, pool, ping_every_s=0.1) as traffic:
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            sender.start()
+            gone = wait_for(lambda: not alive(victim) and time.monotonic(), hang + 10, interval=0.01)
+            back = wait_for(lambda: (len(current := api_server_pids(main)) == 2 and victim not in current
+                                     and time.monotonic()), hang + 10, interval=0.01)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                if alive(victim):
+                    os.kill(victim, signal.SIGCONT)
+        sender.join(hang + 25)
+        time.sleep(1.0)
+    held.close()
+    samples = traffic.samples
+    counts = Counts.of(samples)
+    died_s = None if gone is None else gone - stopped
+    kill = Kill(victim, stopped, died_s=died_s, replaced_s=None if back is None else back - stopped)
+    why = describe([kill], counts, server)
+
+    assert died_s is not None, f"the stopped API server was never killed{why}"
+    assert hang - 0.2 <= died_s <= hang + 1.75, f"stopped API server killed after {died_s:.2f} s{why}"
+    assert kill.replaced_s is not None and kill.replaced_s <= hang + 3.0, f"no timely replacement{why}"
+    log = server.log()
+    assert len(re.findall(rf"API server \d \(pid {victim}\) did not answer a ping", log)) == 1, why
+    assert len(outcome) == 1, f"the request on the stopped API server's connection never ended{why}"
+    took, result = outcome[0]
+    assert isinstance(result, Exception) and not isinstance(result, TimeoutError), \
+        f"the held connection's request ended with {result!r} after {took:.2f} s{why}"
+    assert took <= died_s + 0.5, f"the held connection's request failed {took:.2f} s after the stop{why}"
+    assert_only_good_http_answers(counts, why, connection_errors_allowed=True)
+    assert counts.unavailable == 0, f"503s although every worker lived{why}"
+    lost = [s for s in samples if s.status is None and not stopped <= s.done <= stopped + died_s + 0.5]
+    assert not lost, f"connection errors that were not the stopped API server's: {lost[:3]}{why}"
+    pings = [s for s in traffic.pings if stopped + 0.05 <= s.sent <= stopped + died_s]
+    assert pings and all(s.status == 200 for s in pings), f"fresh connections during the stop: {pings}{why}"
+    assert sum(s.latency < 0.5 for s in pings) >= 0.75 * len(pings), f"slow fresh connections: {pings}{why}"
+    assert alive(other) and other in api_server_pids(main), f"the API server that answered was killed{why}"
+    assert [probe(server.url, "/health/ready") for _ in range(10)] == [200] * 10
+    for _ in range(10):
+        response = httpx.post(server.url + "/predict", json={"input": [0.5] * 10}, timeout=10)
+        assert response.status_code == 200 and response.json()["model_version"] == version
