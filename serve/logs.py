@@ -49,4 +49,3 @@ def configure_logging(level: str) -> None:
         child.handlers[:] = []
         child.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our access log carries the request id
-    logging.getLogger("watchfiles").setLevel(max(root.level, logging.WARNING))  # "N changes detected" per event

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from serve import metrics
@@ -164,6 +165,7 @@ class VersionManager:
         self.picker = Picker(store, self.fleet)
         self.startup = StartupGate()
         self.rescan_requested = threading.Event()
+        self.wake_source: Callable[[], None] = lambda: None  # the source's interrupt(): rescan at once
 
     # -- what the workers say (through ControlRouter) -------------------------------------------
     def worker_joined(self, peer: Peer) -> None:
@@ -263,6 +265,7 @@ class VersionManager:
         """Look at the weights now (admin reload, SIGHUP): files known to be bad get one more try."""
         self.picker.known_bad.clear()
         self.rescan_requested.set()
+        self.wake_source()
 
     def rollback(self) -> bool:
         """Serve the previous version again, on every worker, until the weights change."""
@@ -328,6 +331,7 @@ class SourceFollower:
 
     def __init__(self, source: WeightsSource, manager: VersionManager, hub: Hub) -> None:
         self.source, self.manager, self.hub = source, manager, hub
+        manager.wake_source = source.interrupt
 
     def start(self, initial: list[Candidate]) -> None:
         threading.Thread(target=self._follow, args=(initial,), name="weights-source", daemon=True).start()

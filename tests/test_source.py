@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import serve.source
+import serve.watch
 from serve.source import Candidate, WeightsNotFoundError, WeightsSource
 
 WAIT_S = 5.0  # upper bound for any single wait in these tests
@@ -43,10 +46,17 @@ def later(delay: float, action: Callable[[], None]) -> threading.Timer:
     return timer
 
 
+def stop_later(source: WeightsSource, delay: float) -> threading.Event:
+    """A stop event set after `delay`, the way callers do it: set, then interrupt the source."""
+    stop = threading.Event()
+    later(delay, lambda: (stop.set(), source.interrupt()))
+    return stop
+
+
 def wait_change(source: WeightsSource, previous: list[Candidate], timeout: float = WAIT_S) -> list[Candidate]:
     """wait_for_change, bounded: fails the test instead of hanging."""
     stop = threading.Event()
-    timer = later(timeout, stop.set)
+    timer = later(timeout, lambda: (stop.set(), source.interrupt()))
     try:
         changed = source.wait_for_change(previous, stop)
     finally:
@@ -57,6 +67,12 @@ def wait_change(source: WeightsSource, previous: list[Candidate], timeout: float
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def armed(source: WeightsSource) -> WeightsSource:
+    """The source, once its event watcher has its first watches in place."""
+    assert source._watcher is not None and source._watcher.armed.wait(WAIT_S), "event watcher never armed"
+    return source
 
 
 @pytest.fixture
@@ -133,9 +149,8 @@ def test_file_mode_symlink_retarget(tmp_path: Path, make_source) -> None:
 def test_events_wake_the_wait_long_before_the_poll(tmp_path: Path, make_source) -> None:
     weights = tmp_path / "model.pth"
     weights.write_bytes(b"v1")
-    source = make_source(weights, poll_interval=30.0, debounce=0.1)
+    source = armed(make_source(weights, poll_interval=30.0, debounce=0.1))
     [first] = source.candidates()
-    assert source._watch_armed.wait(WAIT_S), "event watcher never armed"
 
     later(0.1, lambda: write_atomic(weights, b"v2 via events"))
     started = time.monotonic()
@@ -220,7 +235,7 @@ def test_malformed_sidecar_fails_closed(tmp_path: Path, make_source, caplog) -> 
     weights.write_bytes(b"weights")
     (tmp_path / "model.pth.sha256").write_text("not-a-digest  model.pth\n")
     source = make_source(weights)
-    with caplog.at_level(logging.WARNING, logger="serve.source"):
+    with caplog.at_level(logging.WARNING, logger="serve.listing"):
         with pytest.raises(WeightsNotFoundError, match="sidecar"):
             source.candidates()
     assert "sha256 sidecar" in caplog.text
@@ -260,18 +275,6 @@ def test_directory_highest_version_wins_and_new_version_noticed(tmp_path: Path, 
     assert changed[0].version_hint == "12" and changed[0].path.read_bytes() == b"v12"
 
 
-def test_ambiguous_version_directory_is_skipped(tmp_path: Path, make_source, caplog) -> None:
-    (tmp_path / "1").mkdir()
-    (tmp_path / "1" / "model.pth").write_bytes(b"v1")
-    (tmp_path / "2").mkdir()
-    (tmp_path / "2" / "a.pth").write_bytes(b"a")
-    (tmp_path / "2" / "b.pth").write_bytes(b"b")
-    source = make_source(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="serve.source"):
-        assert [c.version_hint for c in source.candidates()] == ["1"]
-    assert "several weights files" in caplog.text
-
-
 def test_flat_directory_newest_mtime_first(tmp_path: Path, make_source) -> None:
     old, new, same_a, same_b = (tmp_path / n for n in ("old.pth", "new.pt", "a.pth", "b.safetensors"))
     for path, mtime in ((old, 1_000), (new, 3_000), (same_a, 2_000), (same_b, 2_000)):
@@ -305,47 +308,148 @@ def test_temp_and_hidden_files_are_ignored(tmp_path: Path, make_source) -> None:
             time.sleep(0.05)
 
     later(0.05, churn)
-    stop = threading.Event()
-    later(1.0, stop.set)
-    assert source.wait_for_change(found, stop) is None
+    assert source.wait_for_change(found, stop_later(source, 1.0)) is None
 
 
+def kubelet_publish(volume: Path, stamp: str, data: bytes) -> Path:
+    """What kubelet does: new timestamped dir, ..data_tmp symlink renamed over ..data, old dir removed."""
+    new_dir = volume / f"..2026_11_29_17_00_{stamp}"
+    new_dir.mkdir()
+    (new_dir / "model.pth").write_bytes(data)
+    (new_dir / "model.pth.sha256").write_text(f"{sha256_hex(data)}  model.pth\n")
+    old_dir = os.readlink(volume / "..data") if os.path.lexists(volume / "..data") else None
+    symlink_atomic(new_dir.name, volume / "..data")
+    for name in ("model.pth", "model.pth.sha256"):
+        if not os.path.lexists(volume / name):
+            os.symlink(f"..data/{name}", volume / name)
+    if old_dir:
+        for child in (volume / old_dir).iterdir():
+            child.unlink()
+        (volume / old_dir).rmdir()
+    return new_dir / "model.pth"
+
+
+@pytest.mark.parametrize("poll_interval", [0.2, 30.0], ids=["poll", "events-only"])
 @pytest.mark.parametrize("mode", ["file", "directory"])
-def test_kubelet_data_swap_noticed_twice(tmp_path: Path, make_source, mode: str) -> None:
+def test_kubelet_data_swap_noticed_twice(tmp_path: Path, make_source, mode: str, poll_interval: float) -> None:
     volume = tmp_path / "volume"
     volume.mkdir()
-
-    def kubelet_publish(stamp: str, data: bytes) -> Path:
-        """What kubelet does: new timestamped dir, ..data_tmp symlink renamed over ..data, old dir removed."""
-        new_dir = volume / f"..2026_11_29_17_00_{stamp}"
-        new_dir.mkdir()
-        (new_dir / "model.pth").write_bytes(data)
-        (new_dir / "model.pth.sha256").write_text(f"{sha256_hex(data)}  model.pth\n")
-        old_dir = os.readlink(volume / "..data") if os.path.lexists(volume / "..data") else None
-        symlink_atomic(new_dir.name, volume / "..data")
-        for name in ("model.pth", "model.pth.sha256"):
-            if not os.path.lexists(volume / name):
-                os.symlink(f"..data/{name}", volume / name)
-        if old_dir:
-            for child in (volume / old_dir).iterdir():
-                child.unlink()
-            (volume / old_dir).rmdir()
-        return new_dir / "model.pth"
-
-    first_file = kubelet_publish("00.000", b"kube v1")
-    source = make_source(volume / "model.pth" if mode == "file" else volume)
+    first_file = kubelet_publish(volume, "00.000", b"kube v1")
+    source = make_source(volume / "model.pth" if mode == "file" else volume, poll_interval=poll_interval)
     [first] = source.candidates()
     assert first.path == first_file and first.expected_sha256 == sha256_hex(b"kube v1")
     assert first.version_hint == "model.pth"
 
     previous = first
     for stamp, data in (("01.000", b"kube v2"), ("02.000", b"kube v3!")):
-        publisher = later(0.1, lambda: kubelet_publish(stamp, data))
+        publisher = later(0.1, lambda: kubelet_publish(volume, stamp, data))
         [new] = wait_change(source, [previous])
         publisher.join(WAIT_S)
         assert new.path == volume / f"..2026_11_29_17_00_{stamp}" / "model.pth"
         assert new.path.read_bytes() == data and new.expected_sha256 == sha256_hex(data)
         previous = new
+
+
+# -- events and wake-ups (poll_interval=30: the poll cannot be what noticed) --------------------------
+
+def test_events_follow_a_symlink_retargeted_to_another_directory(tmp_path: Path, make_source) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pth").write_bytes(f"model {name}".encode())
+    current = tmp_path / "current.pth"
+    os.symlink("a/model.pth", current)
+    source = armed(make_source(current, poll_interval=30.0))
+    [first] = source.candidates()
+
+    later(0.1, lambda: symlink_atomic("b/model.pth", current))  # an event in the link's directory
+    [retargeted] = wait_change(source, [first], timeout=3.0)
+    assert retargeted.path == tmp_path / "b" / "model.pth"
+
+    def rewrite_in_place() -> None:  # only an event in b/ tells: the watcher must have re-armed there
+        with open(tmp_path / "b" / "model.pth", "r+b") as f:
+            f.write(b"MODEL")
+
+    later(0.3, rewrite_in_place)
+    [rewritten] = wait_change(source, [retargeted], timeout=3.0)
+    assert rewritten.path.read_bytes() == b"MODEL b"
+
+
+def test_events_see_a_version_directory_filled_after_mkdir(tmp_path: Path, make_source) -> None:
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.pth").write_bytes(b"v1")
+    source = armed(make_source(tmp_path, poll_interval=30.0))
+    found = source.candidates()
+    (tmp_path / "2").mkdir()  # an empty version directory: nothing to serve yet, but now watched too
+    time.sleep(0.3)
+    later(0.1, lambda: write_atomic(tmp_path / "2" / "model.pth", b"v2"))
+    changed = wait_change(source, found, timeout=3.0)
+    assert [c.version_hint for c in changed] == ["2", "1"]
+    later(0.1, lambda: write_atomic(tmp_path / "1" / "model.pth", b"v1 again"))
+    again = wait_change(source, changed, timeout=3.0)
+    assert again[1].path.read_bytes() == b"v1 again"
+
+
+def count_scans(monkeypatch) -> list[float]:
+    """Record the time of every scan the sources make from now on."""
+    times: list[float] = []
+    real_scan = serve.source.scan
+    monkeypatch.setattr(serve.source, "scan", lambda *args: (times.append(time.monotonic()), real_scan(*args))[1])
+    return times
+
+
+def test_an_idle_wait_does_not_wake_before_the_poll(tmp_path: Path, make_source, monkeypatch) -> None:
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"v1")
+    source = armed(make_source(weights, poll_interval=0.5))
+    found = source.candidates()
+    scans = count_scans(monkeypatch)
+    assert source.wait_for_change(found, stop_later(source, 1.25)) is None
+    assert 2 <= len(scans) <= 3  # at 0, 0.5 and 1 s: the poll; nothing else woke the wait
+
+
+def test_interrupt_makes_the_wait_look_again_and_at_its_stop_event(tmp_path: Path, make_source,
+                                                                   monkeypatch) -> None:
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"v1")
+    source = make_source(weights, poll_interval=30.0, use_events=False)
+    found = source.candidates()
+    scans = count_scans(monkeypatch)
+    stop = threading.Event()
+    later(0.2, source.interrupt)  # a wake-up without stop: one more scan, then back to waiting
+    later(0.4, stop.set)  # stop alone is only seen when something wakes the wait...
+    later(0.6, source.interrupt)  # ...here the interrupt
+    started = time.monotonic()
+    assert source.wait_for_change(found, stop) is None
+    assert 0.5 < time.monotonic() - started < 1.5
+    assert len(scans) == 2
+
+
+def test_a_stop_without_interrupt_is_seen_at_the_next_poll(tmp_path: Path, make_source) -> None:
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"v1")
+    source = make_source(weights, poll_interval=0.5)
+    found = source.candidates()
+    stop = threading.Event()
+    later(0.1, stop.set)
+    started = time.monotonic()
+    assert source.wait_for_change(found, stop) is None
+    assert time.monotonic() - started < 0.5 + 0.5
+
+
+def test_without_inotify_the_poll_alone_notices(tmp_path: Path, make_source, monkeypatch, caplog) -> None:
+    def unavailable() -> None:
+        raise OSError(errno.ENOSYS, "inotify is Linux-only (this is testos)")
+
+    monkeypatch.setattr(serve.watch, "_inotify_calls", unavailable)
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"v1")
+    with caplog.at_level(logging.WARNING, logger="serve.watch"):
+        source = make_source(weights, poll_interval=0.2)
+        [first] = source.candidates()
+        later(0.1, lambda: write_atomic(weights, b"polled"))
+        [new] = wait_change(source, [first])
+    assert new.path.read_bytes() == b"polled"
+    assert caplog.text.count("relying on polling") == 1
 
 
 # -- robustness ------------------------------------------------------------------------------------
@@ -356,10 +460,8 @@ def test_wait_returns_none_promptly_when_stopped_and_after_close(tmp_path: Path,
     source = make_source(weights, poll_interval=30.0)
     found = source.candidates()
 
-    stop = threading.Event()
-    later(0.2, stop.set)
     started = time.monotonic()
-    assert source.wait_for_change(found, stop) is None
+    assert source.wait_for_change(found, stop_later(source, 0.2)) is None
     assert time.monotonic() - started < 0.2 + 0.5
 
     results: list[object] = []
@@ -382,7 +484,7 @@ def test_dangling_symlink_and_loops_do_not_crash(tmp_path: Path, make_source, ca
     os.symlink("a_loop.pt", tmp_path / "b_loop.pt")
     os.symlink(".", tmp_path / "subdir_loop")  # a directory loop for the recursive watcher
     source = make_source(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="serve.source"):
+    with caplog.at_level(logging.WARNING, logger="serve.listing"):
         found = source.candidates()
     assert [c.path for c in found] == [tmp_path / "good.pth"]
     assert "dangling symlink" in caplog.text and "symlink loop" in caplog.text
