@@ -5,7 +5,7 @@ application/grpc``, so h2load, a C HTTP/2 load generator (ghz is packaged neithe
 PyPI), sends ``ModelInfer`` calls as wrk sends HTTP requests: a Python gRPC client costs about as much
 CPU per call as the server, so on a 2-core machine it would measure itself. The bodies are
 ``ModelInferRequest`` messages with ``raw_input_contents`` (tritonclient's form) holding the rows of
-:func:`bench.loadgen.make_body` for the same row count, so HTTP and gRPC compute the same numbers.
+:func:`bench.loadgen.make_rows` for the same row count, so HTTP and gRPC compute the same numbers.
 
 h2load does not read gRPC's status (it is in the trailers, after an HTTP 200), so every run reads the
 server's own ``simplenn_requests_total{route="grpc:/inference.GRPCInferenceService/ModelInfer"}`` by
@@ -18,7 +18,6 @@ streams each: several connections, so the kernel spreads them over the API serve
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -57,9 +56,8 @@ def h2load_version(h2load: str) -> str:
 
 
 def rows_of(rows: int, seed: int) -> np.ndarray:
-    """The rows of :func:`bench.loadgen.make_body` for ``rows`` and ``seed`` (same numbers over HTTP)."""
-    payload = json.loads(loadgen.make_body(rows, seed=seed))
-    return np.asarray([payload["input"]] if rows == 1 else payload["inputs"], dtype=np.float32)
+    """The rows of :func:`bench.loadgen.make_rows` for ``rows`` and ``seed`` (same numbers over HTTP)."""
+    return np.asarray(loadgen.make_rows(rows, seed=seed), dtype=np.float32)
 
 
 def make_message(values: np.ndarray, model: str = "simplenn") -> bytes:

@@ -1,8 +1,9 @@
-"""Load generation with wrk: request bodies, one bounded wrk run, and parsing its result line.
+"""Load generation with wrk: request rows and bodies, one bounded wrk run, and parsing its result line.
 
-wrk runs with keep-alive connections and ``bench/post.lua``, which POSTs a fixed JSON body and
-prints one ``BENCH_RESULT {json}`` line from its ``done()`` hook: request count, latency
-percentiles (microseconds), socket errors (connect/read/write/timeout) and non-2xx responses.
+wrk runs with keep-alive connections and ``bench/post.lua``, which POSTs a fixed body (JSON or binary,
+read from a file) with the given headers to the URL's path, and prints one ``BENCH_RESULT {json}`` line
+from its ``done()`` hook: request count, latency percentiles (microseconds), socket errors
+(connect/read/write/timeout) and non-2xx responses. Other protocols' bodies: ``bench/wire.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +67,28 @@ def wrk_version(wrk: str) -> str:
     return " ".join(words[:2]) if words else "wrk (unknown version)"
 
 
+def make_rows(rows: int, seed: int = 0, features: int = 10) -> list[list[float]]:
+    """``rows`` rows of ``features`` random numbers in [-2, 2], 6 decimals (fixed seed)."""
+    rng = random.Random(seed)
+    return [[round(rng.uniform(-2.0, 2.0), 6) for _ in range(features)] for _ in range(rows)]
+
+
 def make_body(rows: int, seed: int = 0, features: int = 10) -> bytes:
-    """A request body with ``rows`` rows of ``features`` random numbers (fixed seed).
+    """The native request body for :func:`make_rows`.
 
     One row uses the single-row form ``{"input": [...]}``; more use ``{"inputs": [[...], ...]}``.
     """
-    rng = random.Random(seed)
-    table = [[round(rng.uniform(-2.0, 2.0), 6) for _ in range(features)] for _ in range(rows)]
+    table = make_rows(rows, seed, features)
     payload = {"input": table[0]} if rows == 1 else {"inputs": table}
     return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def header_lines(headers: Mapping[str, str]) -> str:
+    """Headers as post.lua reads them from ``BENCH_HEADERS``: one ``Name: value`` a line."""
+    for name, value in headers.items():
+        if not name.strip() or ":" in name or any(c in name + value for c in "\r\n"):
+            raise ValueError(f"bad header {name!r}: {value!r}")
+    return "\n".join(f"{name}: {value}" for name, value in headers.items())
 
 
 def parse_result(output: str) -> WrkResult:
@@ -95,8 +110,10 @@ def parse_result(output: str) -> WrkResult:
     raise WrkError(f"wrk printed no {RESULT_PREFIX.strip()} line:\n{output[-2000:]}")
 
 
-def run_wrk(wrk: str, url: str, body_file: Path, conns: int, duration_s: int, timeout_s: int = 10) -> WrkResult:
-    """POST ``body_file`` to ``url`` over ``conns`` keep-alive connections for ``duration_s``.
+def run_wrk(wrk: str, url: str, body_file: Path, conns: int, duration_s: int, timeout_s: int = 10,
+            headers: Mapping[str, str] | None = None) -> WrkResult:
+    """POST ``body_file`` to ``url`` over ``conns`` keep-alive connections for ``duration_s``, with
+    ``headers`` (default: ``Content-Type: application/json``).
 
     Uses one wrk thread per connection up to MAX_WRK_THREADS. A request slower than
     ``timeout_s`` counts as a timeout error. The whole run is bounded by duration + 30 s.
@@ -112,7 +129,8 @@ def run_wrk(wrk: str, url: str, body_file: Path, conns: int, duration_s: int, ti
         str(LUA_SCRIPT),
         url,
     ]
-    env = {**os.environ, "BENCH_BODY_FILE": str(body_file)}
+    env = {**os.environ, "BENCH_BODY_FILE": str(body_file),
+           "BENCH_HEADERS": header_lines(headers or {"Content-Type": "application/json"})}
     try:
         proc = subprocess.run(
             argv, check=False, capture_output=True, text=True, env=env, timeout=duration_s + timeout_s + 30

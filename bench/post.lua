@@ -1,14 +1,20 @@
 -- wrk script for the benchmark harness (bench/loadgen.py runs it).
--- POSTs the JSON body in the file named by BENCH_BODY_FILE, counts non-2xx responses in every
--- thread, and at the end prints ONE machine-readable line: "BENCH_RESULT {json}".
--- Latencies are in microseconds; socket errors come from wrk's own counters.
+-- POSTs the body in the file named by BENCH_BODY_FILE (read as bytes: JSON or binary) to the URL's
+-- path, with the headers in BENCH_HEADERS (one "Name: value" a line; default a JSON Content-Type),
+-- counts non-2xx responses in every thread, and at the end prints ONE machine-readable line:
+-- "BENCH_RESULT {json}". Latencies are in microseconds; socket errors come from wrk's own counters.
 
 local body_file = assert(os.getenv("BENCH_BODY_FILE"), "BENCH_BODY_FILE is not set")
 local f = assert(io.open(body_file, "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
-wrk.headers["Content-Type"] = "application/json"
+local header_lines = os.getenv("BENCH_HEADERS") or "Content-Type: application/json"
+for line in header_lines:gmatch("[^\n]+") do
+  local name, value = line:match("^([^:]+):%s*(.-)%s*$")
+  assert(name, "bad header line in BENCH_HEADERS: " .. line)
+  wrk.headers[name] = value
+end
 
 local threads = {}
 

@@ -51,6 +51,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
+def scenario_of(summary: Summary, sid: str) -> dict[str, Any]:
+    """Any entry of a scenario: its rows, conns and flavour are the same for every server."""
+    return next(iter(summary[sid].values()))
+
+
+def flavour_of(entry: dict[str, Any]) -> str:
+    """A scenario's flavour ("json" for runs saved before flavours existed)."""
+    return str(entry.get("flavour") or "json")
+
+
 def metric_cells(entry: dict[str, Any], metric: str) -> list[str]:
     """A figure followed by its ratios to the floor and to the baseline."""
     return [fmt_num(entry.get(metric))] + [fmt_ratio(entry.get(f"vs_{ref}", {}).get(metric)) for ref, _ in REF_LABELS]
@@ -67,35 +77,39 @@ def section(
     key: tuple[str, str],
     metrics: Sequence[tuple[str, str]],
 ) -> str:
-    """One table: a row per (scenario, server); ``key`` names the scenario column (label, field).
+    """One table: a row per (scenario, server), with the wire the server spoke; ``key`` names the scenario
+    column (label, field).
 
     Empty when there are no scenarios for it.
     """
     if not scenario_ids:
         return ""
-    headers = [key[0], "server"] + [h for label, _ in metrics for h in metric_headers(label)] + ["errors"]
+    headers = [key[0], "server", "wire"] + [h for label, _ in metrics for h in metric_headers(label)] + ["errors"]
     rows = []
     for sid in scenario_ids:
         for name, entry in summary[sid].items():
-            cells = [str(entry[key[1]]), name]
+            cells = [str(entry[key[1]]), name, entry.get("wire") or "-"]
             for _, metric in metrics:
                 cells += metric_cells(entry, metric)
             cells.append(f"{entry['errors']:,}" + (" FAILED" if entry["failures"] else ""))
             rows.append(cells)
-    return f"## {title}\n\n{markdown_table(headers, rows)}"
+    return f"## {title}\n\n{markdown_table(headers, rows, align='lll')}"
 
 
 def ordered_ids(summary: Summary, *, rows: int | None = None, conns: int | None = None) -> list[str]:
-    """Scenario ids with the given rows or conns, ordered by the other dimension."""
+    """Scenario ids with the given rows or conns, ordered by the other dimension (JSON before binary)."""
     ids = [
         sid
-        for sid, by_server in summary.items()
-        if (rows is None or next(iter(by_server.values()))["rows"] == rows)
-        and (conns is None or next(iter(by_server.values()))["conns"] == conns)
+        for sid in summary
+        if (rows is None or scenario_of(summary, sid)["rows"] == rows)
+        and (conns is None or scenario_of(summary, sid)["conns"] == conns)
     ]
-    return sorted(
-        ids, key=lambda sid: (next(iter(summary[sid].values()))["conns"], next(iter(summary[sid].values()))["rows"])
-    )
+
+    def order(sid: str) -> tuple[int, bool, int]:
+        entry = scenario_of(summary, sid)
+        return entry["conns"], flavour_of(entry) != "json", entry["rows"]
+
+    return sorted(ids, key=order)
 
 
 def header(result: dict[str, Any]) -> str:
@@ -113,13 +127,24 @@ def header(result: dict[str, Any]) -> str:
         ),
         f"command: {meta['command']}",
     ]
+    lines += [f"peer {name}: {_peer_text(peer)}" for name, peer in meta.get("peers", {}).items()]
     servers = [
-        [name, fmt_num(i.get("startup_s")), _check_text(i), (i["error"] or "").split("; log tail")[0]]
+        [name, fmt_num(i.get("startup_s")), fmt_num(i.get("pss_ready_mib")), fmt_num(i.get("pss_end_mib")),
+         _check_text(i), (i["error"] or "").split("; log tail")[0].splitlines()[0] if i["error"] else ""]
         for name, i in result["servers"].items()
     ]
-    table = markdown_table(["server", "startup s", "check", "error"], servers, align="lrll")
+    table = markdown_table(["server", "startup s", "PSS MiB ready", "PSS MiB end", "check", "error"], servers,
+                           align="lrrrll")
     failures = [f"### {name}: {info['error']}" for name, info in result["servers"].items() if info["error"]]
     return "\n\n".join(["\n".join(lines), table, *failures])
+
+
+def _peer_text(peer: dict[str, Any]) -> str:
+    """A peer's versions (and Java's, for TorchServe) and how long its first install took."""
+    versions = ", ".join(f"{name} {version}" for name, version in peer.get("versions", {}).items()) or "not installed"
+    extra = [f"java: {peer['java']}"] if peer.get("java") else []
+    extra += [f"first install {peer['install_s']:.0f} s"] if peer.get("install_s") is not None else []
+    return "; ".join([versions, *extra])
 
 
 def _check_text(info: dict[str, Any]) -> str:
@@ -127,7 +152,7 @@ def _check_text(info: dict[str, Any]) -> str:
     if check is None:
         return "-"
     text = "ok" if check["ok"] else "BAD: " + check["detail"][:60]
-    if "agrees_with_baseline" in check:
+    if "agrees_with_baseline" in check:  # every server but the references
         text += ", = baseline" if check["agrees_with_baseline"] else ", != baseline"
     return text
 
@@ -165,15 +190,21 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n\n".join(part for part in parts if part)
 
 
+def _tick(summary: Summary, sid: str, group_key: str) -> str:
+    """The x label of a scenario: its rows or conns, and its flavour unless JSON."""
+    entry = scenario_of(summary, sid)
+    return str(entry[group_key]) + ("" if flavour_of(entry) == "json" else f"\n{flavour_of(entry)}")
+
+
 def _bars(ax: Any, summary: Summary, ids: Sequence[str], group_key: str, metric: str, title: str, ylabel: str) -> None:
-    """Grouped bars: one group per scenario in ``ids``, one bar per server; log scale."""
-    names = list(next(iter(summary.values())).keys()) if summary else []
+    """Grouped bars: one group per scenario in ``ids``, one bar per server (none where it sat out); log scale."""
+    names = list(dict.fromkeys(name for by_server in summary.values() for name in by_server))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        values = [summary[sid][name].get(metric) or math.nan for sid in ids]  # nan: no bar
+        values = [(summary[sid].get(name) or {}).get(metric) or math.nan for sid in ids]  # nan: no bar
         xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(ids))]
         ax.bar(xs, values, width, label=name)
-    ax.set_xticks(range(len(ids)), [str(next(iter(summary[sid].values()))[group_key]) for sid in ids])
+    ax.set_xticks(range(len(ids)), [_tick(summary, sid, group_key) for sid in ids])
     ax.set_yscale("log")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
@@ -200,7 +231,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     _bars(axes[1][0], summary, batched, "rows", "rows_s", f"Rows/s at {rows_conns} connections", "rows/s (log)")
     axes[1][0].set_xlabel("rows per request")
     _bars(axes[1][1], summary, every, "rows", "cpu_us_per_req", "Server CPU per request", "µs (log)")
-    axes[1][1].set_xticks(range(len(every)), [sid.replace("_", "\n") for sid in every])
+    axes[1][1].set_xticks(range(len(every)), [sid.replace("_", "\n") for sid in every], fontsize=7)
     axes[0][0].legend()
     meta = result["meta"]
     fig.suptitle(

@@ -1,4 +1,5 @@
-"""Side-by-side benchmark of simplenn-serve against a floor and a plain baseline, in ONE run.
+"""Side-by-side benchmark of simplenn-serve against a floor, a plain baseline and (``--peers``) TorchServe and
+KServe, in ONE run.
 
 Servers (each a subprocess on a free 127.0.0.1 port, in its own process group, stopped at the end
 with SIGTERM then SIGKILL even on error):
@@ -11,14 +12,22 @@ with SIGTERM then SIGKILL even on error):
   ``GET /health/ready`` answers 200;
 * ``grpc``     - with ``--grpc``: the same project server over its gRPC port (Open Inference Protocol
   ``ModelInfer``, raw FP32), loaded by h2load instead of wrk (``bench/grpcload.py``); "conns" are
-  concurrent streams.
+  concurrent streams;
+* ``torchserve``, ``kserve`` - with ``--peers``: the peer servers of ``bench/peers.py``, each installed
+  into a virtual environment of its own on first use, each asked in its own protocol (``bench/wire.py``).
 
 What is measured, with wrk (keep-alive, ``bench/post.lua``), each run bounded to ``--duration``:
 
-* single-row requests (``{"input": [...]}``) at 1, 16 and 64 connections: req/s, p50/p99 latency;
-* rows/s for 1-, 64- and 1,024-row requests at 16 connections (1 row is the single-row run);
+* single-row requests (``{"input": [...]}``, or the server's own form) at 1, 16 and 64 connections:
+  req/s, p50/p99 latency;
+* rows/s for 1-, 64- and 1,024-row requests at 16 connections (1 row is the single-row run), in each
+  server's JSON protocol, and for 1,024-row requests in the Open Inference Protocol V2 binary form
+  (scenario flavour ``v2bin``, ``--v2bin-rows``) for the servers that speak it (the floor answers it as
+  the no-op it is: the ceiling of that upload);
 * server CPU per request: utime+stime summed over the server's whole process tree (from
-  /proc/<pid>/stat, before and after each run) divided by completed requests.
+  /proc/<pid>/stat, before and after each run) divided by completed requests;
+* per server: the time from launch to ready (servers start one after another, so each has the machine
+  to itself), and its memory, PSS summed over its process tree, once ready and after the last run.
 
 Rounds are interleaved: each round measures every server at every scenario, servers back to back
 for one scenario (their order rotating from round to round), so slow drift of a shared machine
@@ -29,7 +38,7 @@ responses and socket errors are errors and are reported per server.
 Output: a markdown-style table on stdout, and ``<timestamp>.json`` plus ``<timestamp>.png`` in
 ``--out`` (default bench/results/).
 
-    .venv/bin/python bench/run.py [--duration 5] [--rounds 3] [--smoke] [--out DIR]
+    .venv/bin/python bench/run.py [--duration 5] [--rounds 3] [--smoke] [--grpc] [--peers] [--out DIR]
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,28 +64,46 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: import bench, models
 
-from bench import grpcload, loadgen, report
+from bench import grpcload, loadgen, peers, report, wire
 from bench.servers import RunningServer, ServerSpec, ServerStartError
+from bench.wire import PreparedRequest, Wire, WireError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-SERVER_NAMES = ("floor", "baseline", "project", "grpc", "before")
+SERVER_NAMES = ("floor", "baseline", "project", "grpc", "before", *peers.PEER_NAMES)
+DEFAULT_SERVERS = ("floor", "baseline", "project")  # --grpc, --before and --peers add theirs
 REFERENCES = ("floor", "baseline")
 METRICS = ("req_s", "rows_s", "p50_us", "p99_us", "cpu_us_per_req")
 CHECK_ROWS = 3  # rows in the batch request of the pre-flight check
-AGREE_TOLERANCE = 1e-4  # |project - baseline| allowed in the pre-flight check
+AGREE_TOLERANCE = 1e-4  # |server - baseline| allowed in the pre-flight check
+JSON, V2BIN = "json", "v2bin"  # scenario flavours: each server's own JSON protocol; OIP V2 binary tensors
+GRPC_WIRE = "grpc-v2"  # what the grpc server speaks in its JSON-flavour scenarios (h2load, bench/grpcload.py)
+
+# The wire each server speaks per flavour; a server without a flavour sits out its scenarios. The floor
+# answers any POST, so it takes the V2 binary upload as a no-op: the ceiling of that body over HTTP.
+PROJECT_WIRES: dict[str, Wire] = {JSON: wire.NATIVE, V2BIN: wire.V2_BINARY}
+SERVER_WIRES: dict[str, Mapping[str, Wire]] = {
+    "floor": PROJECT_WIRES,
+    "baseline": {JSON: wire.NATIVE},
+    "project": PROJECT_WIRES,
+    "grpc": {JSON: wire.NATIVE},  # its scenarios; the requests are h2load's (bench/grpcload.py)
+    "before": PROJECT_WIRES,
+    **{name: peer.wires for name, peer in peers.PEERS.items()},
+}
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One load shape: rows per request and concurrent connections."""
+    """One load shape: rows per request, concurrent connections, and the flavour of the request."""
 
     rows: int
     conns: int
+    flavour: str = JSON
 
     @property
     def id(self) -> str:
-        return f"rows{self.rows}_c{self.conns}"
+        base = f"rows{self.rows}_c{self.conns}"
+        return base if self.flavour == JSON else f"{self.flavour}_{base}"
 
 
 @dataclass
@@ -88,6 +115,8 @@ class Measurement:
     scenario: str
     rows: int
     conns: int
+    flavour: str = JSON
+    wire: str | None = None
     requests: int = 0
     ok_requests: int = 0
     errors: int = 0
@@ -111,6 +140,11 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def int_list_or_none(text: str) -> list[int]:
+    """:func:`int_list`, or [] for "none"."""
+    return [] if text.strip().lower() == "none" else int_list(text)
+
+
 def name_list(text: str) -> list[str]:
     """Parse "floor,baseline" into known server names, in the canonical order."""
     names = {part.strip() for part in text.split(",") if part.strip()}
@@ -118,6 +152,14 @@ def name_list(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"servers must be among {','.join(SERVER_NAMES)}")
     return [name for name in SERVER_NAMES if name in names]
+
+
+def choose_servers(listed: Sequence[str] | None, grpc: bool, before: bool, with_peers: bool) -> list[str]:
+    """The servers to run, in canonical order: ``listed`` (default floor, baseline, project, and before when
+    a checkout is given), plus grpc with ``grpc`` and the peers with ``with_peers``."""
+    chosen = set(listed) if listed is not None else {*DEFAULT_SERVERS, *(["before"] if before else [])}
+    chosen |= ({"grpc"} if grpc else set()) | (set(peers.PEER_NAMES) if with_peers else set())
+    return [name for name in SERVER_NAMES if name in chosen]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -134,12 +176,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         type=name_list,
-        default=list(SERVER_NAMES),
-        help="comma list among floor,baseline,project,grpc,before (default all; grpc only with --grpc, "
-        "before only with --before)",
+        default=None,
+        help=f"comma list among {','.join(SERVER_NAMES)} (default floor,baseline,project; --grpc, --before "
+        "and --peers add theirs)",
     )
     parser.add_argument("--grpc", action="store_true",
                         help="also measure the project server over gRPC with h2load, as server 'grpc'")
+    parser.add_argument("--peers", action="store_true",
+                        help="also measure TorchServe and KServe (bench/peers.py; installed on first use into "
+                        "$SIMPLENN_BENCH_CACHE, default ~/.cache/simplenn-bench)")
     parser.add_argument(
         "--conns", type=int_list, default=[1, 16, 64], help="connections for the single-row runs (default 1,16,64)"
     )
@@ -147,6 +192,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rows", type=int_list, default=[1, 64, 1024], help="rows per request for the rows/s runs (default 1,64,1024)"
     )
     parser.add_argument("--rows-conns", type=int, default=16, help="connections for the rows/s runs (default 16)")
+    parser.add_argument(
+        "--v2bin-rows", type=int_list_or_none, default=[1024],
+        help="rows per request for the Open Inference Protocol V2 binary runs at --rows-conns (default 1024; none)",
+    )
     parser.add_argument(
         "--weights",
         type=Path,
@@ -167,14 +216,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--project-args", default="", help='extra CLI args for the project server, e.g. "--workers 2"')
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
-    if args.before is None:
-        if "before" in args.servers and argv is not None and "--servers" in argv:
-            parser.error("--servers before needs --before DIR")
-        args.servers = [name for name in args.servers if name != "before"]
-    if args.grpc:
-        args.servers = [name for name in SERVER_NAMES if name in {*args.servers, "grpc"}]
-    elif not (argv is not None and "--servers" in argv):
-        args.servers = [name for name in args.servers if name != "grpc"]
+    args.servers = choose_servers(args.servers, args.grpc, args.before is not None, args.peers)
+    if "before" in args.servers and args.before is None:
+        parser.error("--servers before needs --before DIR")
     if "grpc" in args.servers and "project" not in args.servers:
         parser.error("grpc measures the project server: add project to --servers")
     args.duration = args.duration or (1 if args.smoke else 5)
@@ -182,10 +226,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_scenarios(conns: Sequence[int], rows: Sequence[int], rows_conns: int) -> list[Scenario]:
-    """Single-row runs at each of ``conns`` plus each of ``rows`` at ``rows_conns``, deduplicated."""
+def build_scenarios(conns: Sequence[int], rows: Sequence[int], rows_conns: int,
+                    v2bin_rows: Sequence[int] = ()) -> list[Scenario]:
+    """Single-row runs at each of ``conns`` plus each of ``rows`` at ``rows_conns``, deduplicated, then the
+    V2 binary runs of ``v2bin_rows`` rows at ``rows_conns``."""
     pairs = {(1, c) for c in conns} | {(r, rows_conns) for r in rows}
-    return [Scenario(rows=r, conns=c) for r, c in sorted(pairs)]
+    binary = [Scenario(rows=r, conns=rows_conns, flavour=V2BIN) for r in sorted(set(v2bin_rows))]
+    return [Scenario(rows=r, conns=c) for r, c in sorted(pairs)] + binary
 
 
 def uvicorn_fast_flags() -> list[str]:
@@ -280,6 +327,7 @@ def collect_meta(args: argparse.Namespace, wrk: str, scenarios: list[Scenario], 
         "baseline_threads": args.baseline_threads,
         "servers": args.servers,
         "scenarios": [asdict(s) | {"id": s.id} for s in scenarios],
+        "wires": {name: {flavour: wire_name(name, flavour) for flavour in SERVER_WIRES[name]} for name in args.servers},
     }
 
 
@@ -297,102 +345,144 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def prepare_peers(
+    names: Sequence[str], args: argparse.Namespace, run_dir: Path
+) -> tuple[dict[str, ServerSpec], dict[str, str]]:
+    """Specs of the peers in ``names`` (installed on first use) and, for each that cannot run, why."""
+    specs: dict[str, ServerSpec] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        try:
+            specs[name] = peers.peer_spec(name, args.weights, run_dir, args.ready_timeout,
+                                          log=lambda line: print(line, file=sys.stderr, flush=True))
+        except (peers.PeerError, OSError, subprocess.SubprocessError) as exc:
+            errors[name] = str(exc)
+            print(f"!! {exc}", file=sys.stderr)
+    return specs, errors
+
+
+def mib(server: RunningServer) -> float | None:
+    """The PSS of a live server's process tree in MiB, None once it has exited."""
+    return server.pss_bytes() / 2**20 if server.alive() else None
+
+
 def start_servers(
     specs: Sequence[ServerSpec], log_dir: Path, stack: ExitStack
 ) -> tuple[dict[str, RunningServer], dict[str, dict[str, Any]]]:
-    """Launch all servers at once (each stopped when ``stack`` closes), then wait for each.
+    """Launch the servers one after another, each once the one before is ready (so each start-up has the
+    machine to itself), each stopped when ``stack`` closes.
 
-    Returns the ready servers and, for every server, its info (command, startup time, error).
+    Returns the ready servers and, for every server, its info (command, startup time, PSS once ready, error).
     """
-    launched: list[RunningServer] = []
+    ready: dict[str, RunningServer] = {}
+    info: dict[str, dict[str, Any]] = {}
     for spec in specs:
         server = RunningServer(spec, log_dir)
         stack.callback(server.stop)
         server.launch()
-        launched.append(server)
-    ready: dict[str, RunningServer] = {}
-    info: dict[str, dict[str, Any]] = {}
-    for server in launched:
-        entry: dict[str, Any] = {"command": shlex.join(server.spec.argv), "error": None}
+        entry: dict[str, Any] = {"command": shlex.join(spec.argv), "error": None, "pss_ready_mib": None}
         try:
             server.wait_ready()
-            ready[server.spec.name] = server
+            ready[spec.name] = server
+            entry["pss_ready_mib"] = mib(server)
         except ServerStartError as exc:
             entry["error"] = str(exc)
             print(f"!! {exc}", file=sys.stderr)
         entry["startup_s"] = server.startup_s
-        info[server.spec.name] = entry
+        info[spec.name] = entry
     return ready, info
 
 
-def check_server(server: RunningServer) -> dict[str, Any]:
-    """Pre-flight: one single-row and one batch request; the reply must have the project's shape.
-
-    The floor only has to answer 200. Returns {"ok", "detail", "outputs"}.
-    """
+def check_wire(server: RunningServer, wire_: Wire, decode: bool = True) -> dict[str, Any]:
+    """One single-row and one batch request in ``wire_``; the reply must have its shape (the floor, with
+    ``decode`` false, only has to answer 200). Returns {"ok", "detail", "outputs"}."""
     outputs: list[float] = []
     for rows in (1, CHECK_ROWS):
-        status, body = server.request("POST", "/predict", loadgen.make_body(rows, seed=rows))
+        request = wire_.request(rows, seed=rows)
+        status, body = server.request("POST", request.path, request.body, headers=request.headers)
+        where = f"{rows}-row {wire_.name} POST {request.path}"
         if status != 200:
-            return {"ok": False, "detail": f"{rows}-row POST /predict -> {status}: {body[:300]!r}", "outputs": outputs}
-        if server.spec.name == "floor":
-            continue
-        try:
-            reply = json.loads(body)
-            values = [reply["output"]] if rows == 1 else list(reply["outputs"])
-            if len(values) != rows or not isinstance(reply["model_version"], str):
-                raise ValueError(f"expected {rows} output(s) and a model_version")
-            outputs += [float(v) for v in values]
-        except (ValueError, KeyError, TypeError) as exc:
-            return {"ok": False, "detail": f"{rows}-row reply {body[:300]!r}: {exc}", "outputs": outputs}
+            return {"ok": False, "detail": f"{where} -> {status}: {body[:300]!r}", "outputs": outputs}
+        if decode:
+            try:
+                outputs += wire_.decode(body, rows)
+            except WireError as exc:
+                return {"ok": False, "detail": f"{where}: reply {body[:200]!r}: {exc}", "outputs": outputs}
     return {"ok": True, "detail": "ok", "outputs": outputs}
+
+
+def check_server(server: RunningServer, wires: Mapping[str, Wire]) -> dict[str, Any]:
+    """Pre-flight in every flavour the server speaks. Returns {"ok", "detail", "outputs": {flavour: [...]}}."""
+    decode = server.spec.name != "floor"
+    results = {flavour: check_wire(server, wire_, decode) for flavour, wire_ in wires.items()}
+    bad = [result["detail"] for result in results.values() if not result["ok"]]
+    return {"ok": not bad, "detail": "; ".join(bad) or "ok",
+            "outputs": {flavour: result["outputs"] for flavour, result in results.items()}}
+
+
+def agreement(check: dict[str, Any], reference: Sequence[float]) -> bool:
+    """Every flavour's outputs equal the reference (the baseline's) within AGREE_TOLERANCE."""
+    return all(
+        len(ours) == len(reference) > 0
+        and all(abs(a - b) <= AGREE_TOLERANCE for a, b in zip(ours, reference, strict=True))
+        for ours in check["outputs"].values()
+    )
 
 
 def preflight(
     servers: dict[str, RunningServer],
     info: dict[str, dict[str, Any]],
     wrk: str,
-    warmup_body: Path,
+    requests: Mapping[tuple[str, int], PreparedRequest],
     warmup_s: int,
     grpc_load: grpcload.GrpcLoad | None = None,
 ) -> None:
-    """Check every server's replies (and project's and grpc's vs baseline outputs), then warm it up."""
+    """Check every server's replies (and all but the references' outputs against the baseline's), then warm
+    it up with single-row requests in its JSON wire."""
     for name, server in servers.items():
-        info[name]["check"] = grpcload.check(server, (1, CHECK_ROWS)) if name == "grpc" else check_server(server)
+        if name == "grpc":
+            check = grpcload.check(server, (1, CHECK_ROWS))
+            info[name]["check"] = {**check, "outputs": {JSON: check["outputs"]}}
+        else:
+            info[name]["check"] = check_server(server, SERVER_WIRES[name])
         if not info[name]["check"]["ok"]:
             print(f"!! {name}: {info[name]['check']['detail']}", file=sys.stderr)
         try:
             if name == "grpc" and grpc_load is not None:
                 grpc_load.run(server, rows=1, streams=4, duration_s=warmup_s)
             else:
-                loadgen.run_wrk(wrk, server.url + "/predict", warmup_body, conns=4, duration_s=warmup_s)
+                warm = requests[(SERVER_WIRES[name][JSON].name, 1)]
+                loadgen.run_wrk(wrk, server.url + warm.path, warm.body_file, conns=4, duration_s=warmup_s,
+                                headers=warm.headers)
         except (loadgen.WrkError, grpcload.H2loadError) as exc:
             print(f"!! {name}: warm-up failed: {exc}", file=sys.stderr)
-    for name in ("project", "grpc"):
-        if name in servers and "baseline" in servers:
-            ours, theirs = info[name]["check"]["outputs"], info["baseline"]["check"]["outputs"]
-            agree = len(ours) == len(theirs) > 0 and all(
-                abs(a - b) <= AGREE_TOLERANCE for a, b in zip(ours, theirs, strict=True)
-            )
+    if "baseline" not in servers:
+        return
+    reference = info["baseline"]["check"]["outputs"][JSON]
+    for name in servers:
+        if name not in REFERENCES:
+            agree = agreement(info[name]["check"], reference)
             info[name]["check"]["agrees_with_baseline"] = agree
             if not agree:
-                print(f"!! {name} outputs {ours} differ from baseline {theirs}", file=sys.stderr)
+                print(f"!! {name} outputs {info[name]['check']['outputs']} differ from baseline {reference}",
+                      file=sys.stderr)
 
 
 def measure(
     server: RunningServer,
     others: Sequence[RunningServer],
     scenario: Scenario,
-    body: Path,
+    request: PreparedRequest | None,
     wrk: str,
     duration_s: int,
     round_no: int,
     grpc_load: grpcload.GrpcLoad | None = None,
 ) -> Measurement:
-    """One wrk run against ``server`` (an h2load run over gRPC with ``grpc_load``), with the CPU its process
-    tree used meanwhile."""
+    """One wrk run of ``request`` against ``server`` (an h2load run over gRPC with ``grpc_load``), with the CPU
+    its process tree used meanwhile."""
     name = "grpc" if grpc_load is not None else server.spec.name
-    m = Measurement(round=round_no, server=name, scenario=scenario.id, rows=scenario.rows, conns=scenario.conns)
+    m = Measurement(round=round_no, server=name, scenario=scenario.id, rows=scenario.rows, conns=scenario.conns,
+                    flavour=scenario.flavour, wire=wire_name(name, scenario.flavour))
     if not server.alive():
         m.failure = f"server exited; log tail:\n{server.log_tail()}"
         return m
@@ -402,7 +492,9 @@ def measure(
         if grpc_load is not None:
             result = grpc_load.run(server, scenario.rows, scenario.conns, duration_s)
         else:
-            result = loadgen.run_wrk(wrk, server.url + "/predict", body, scenario.conns, duration_s)
+            assert request is not None, "an HTTP run needs a request"
+            result = loadgen.run_wrk(wrk, server.url + request.path, request.body_file, scenario.conns, duration_s,
+                                     headers=request.headers)
     except (loadgen.WrkError, grpcload.H2loadError) as exc:
         m.failure = str(exc)
         return m
@@ -422,16 +514,25 @@ def measure(
     return m
 
 
+def wire_name(server: str, flavour: str) -> str | None:
+    """The name of the wire ``server`` speaks in scenarios of ``flavour``, None when it sits them out."""
+    spoken = SERVER_WIRES[server].get(flavour)
+    if spoken is None:
+        return None
+    return GRPC_WIRE if server == "grpc" else spoken.name
+
+
 def run_rounds(
     servers: dict[str, RunningServer],
     scenarios: Sequence[Scenario],
-    bodies: dict[int, Path],
+    requests: Mapping[tuple[str, int], PreparedRequest],
     wrk: str,
     duration_s: int,
     rounds: int,
     grpc_load: grpcload.GrpcLoad | None = None,
 ) -> list[Measurement]:
-    """Every round: for each scenario, each server back to back (order rotates by round)."""
+    """Every round: for each scenario, each server that speaks its flavour back to back (order rotates by
+    round)."""
     names = list(servers)
     measurements: list[Measurement] = []
     for round_no in range(rounds):
@@ -439,12 +540,16 @@ def run_rounds(
         order = names[shift:] + names[:shift]
         for scenario in scenarios:
             for name in order:
+                spoken = SERVER_WIRES[name].get(scenario.flavour)
+                if spoken is None:
+                    continue
                 others = [s for s in {id(s): s for s in servers.values()}.values() if s is not servers[name]]
-                m = measure(servers[name], others, scenario, bodies[scenario.rows], wrk, duration_s, round_no,
+                request = None if name == "grpc" else requests[(spoken.name, scenario.rows)]
+                m = measure(servers[name], others, scenario, request, wrk, duration_s, round_no,
                             grpc_load if name == "grpc" else None)
                 measurements.append(m)
                 print(
-                    f"round {round_no + 1}/{rounds} {scenario.id:>13} {name:>8}: "
+                    f"round {round_no + 1}/{rounds} {scenario.id:>19} {name:>10}: "
                     f"{report.fmt_num(m.req_s)} req/s, {m.errors} errors"
                     + (f" FAILED: {m.failure.splitlines()[0]}" if m.failure else ""),
                     file=sys.stderr,
@@ -461,7 +566,8 @@ def median_or_none(values: Sequence[float | None]) -> float | None:
 def summarize(
     measurements: Sequence[Measurement], scenarios: Sequence[Scenario], names: Sequence[str]
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """summary[scenario_id][server]: medians over rounds, totals, and ratios to the references.
+    """summary[scenario_id][server]: medians over rounds, totals, and ratios to the references, for the
+    servers that ran the scenario (scenarios no server ran are left out).
 
     ``vs_floor`` / ``vs_baseline`` hold, per metric, the median over rounds of
     (this server's figure / the reference's figure in the same round and scenario).
@@ -469,14 +575,18 @@ def summarize(
     by_key = {(m.round, m.scenario, m.server): m for m in measurements if m.failure is None}
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for sc in scenarios:
-        summary[sc.id] = {}
+        entries: dict[str, dict[str, Any]] = {}
         for name in names:
             runs = [m for m in measurements if m.scenario == sc.id and m.server == name]
+            if not runs:
+                continue
             good = [m for m in runs if m.failure is None]
             entry: dict[str, Any] = {
                 "scenario": sc.id,
                 "rows": sc.rows,
                 "conns": sc.conns,
+                "flavour": sc.flavour,
+                "wire": runs[0].wire,
                 "rounds": len(good),
                 "requests": sum(m.requests for m in good),
                 "errors": sum(m.errors for m in good),
@@ -494,7 +604,9 @@ def summarize(
                     )
                     for metric in METRICS
                 }
-            summary[sc.id][name] = entry
+            entries[name] = entry
+        if entries:
+            summary[sc.id] = entries
     return summary
 
 
@@ -504,13 +616,25 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
-def write_bodies(folder: Path, row_counts: set[int]) -> dict[int, Path]:
-    """One request-body file per row count (single-row form for 1)."""
-    paths = {}
-    for rows in sorted(row_counts):
-        paths[rows] = folder / f"body_{rows}.json"
-        paths[rows].write_bytes(loadgen.make_body(rows, seed=rows))
-    return paths
+def prepare_requests(
+    folder: Path, names: Sequence[str], scenarios: Sequence[Scenario]
+) -> dict[tuple[str, int], PreparedRequest]:
+    """One request (its body in a file) per (wire name, rows) that ``names`` need for ``scenarios``, plus each
+    server's single-row JSON request (the warm-up)."""
+    requests: dict[tuple[str, int], PreparedRequest] = {}
+    for name in names:
+        for flavour, wire_ in SERVER_WIRES[name].items():
+            counts = {s.rows for s in scenarios if s.flavour == flavour} | ({1} if flavour == JSON else set())
+            for rows in sorted(counts):
+                if (wire_.name, rows) not in requests:
+                    requests[(wire_.name, rows)] = wire_.prepare(folder, rows, seed=rows)
+    return requests
+
+
+def record_memory(servers: Mapping[str, RunningServer], info: dict[str, dict[str, Any]], key: str) -> None:
+    """``info[name][key]``: each server's PSS now, in MiB."""
+    for name, server in servers.items():
+        info[name][key] = mib(server)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -525,21 +649,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpcload.H2loadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    scenarios = build_scenarios(args.conns, args.rows, args.rows_conns)
+    scenarios = build_scenarios(args.conns, args.rows, args.rows_conns, args.v2bin_rows)
     meta = collect_meta(args, wrk, scenarios, h2load)
     specs = server_specs(args)
+    peer_names = [name for name in args.servers if name in peers.PEERS]
     os.chdir(REPO_ROOT)  # servers import bench.* / serve / models from the repository root
-    with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="simplenn-bench-") as tmp, ExitStack() as stack:
-        bodies = write_bodies(Path(tmp), {s.rows for s in scenarios})
-        servers, info = start_servers([specs[n] for n in args.servers if n != "grpc"], Path(tmp), stack)
+    with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="simplenn-bench-") as tmp_dir, ExitStack() as stack:
+        tmp = Path(tmp_dir)
+        peer_specs, peer_errors = prepare_peers(peer_names, args, tmp)
+        specs.update(peer_specs)
+        meta["peers"] = peers.peer_meta(peer_names)
+        started, info = start_servers([specs[n] for n in args.servers if n in specs and n != "grpc"], tmp, stack)
+        info |= {name: {"command": None, "error": error, "startup_s": None} for name, error in peer_errors.items()}
         grpc_load = None
-        if h2load is not None and "project" in servers:
-            grpc_load = grpcload.GrpcLoad(h2load, grpcload.write_bodies(Path(tmp), {1, *bodies}), Path(tmp))
-            started = {**servers, "grpc": servers["project"]}  # the same process, measured over gRPC
-            servers = {name: started[name] for name in args.servers if name in started}
+        if h2load is not None and "project" in started:
+            rows = {1, *(s.rows for s in scenarios if s.flavour == JSON)}
+            grpc_load = grpcload.GrpcLoad(h2load, grpcload.write_bodies(tmp, rows), tmp)
+            started["grpc"] = started["project"]  # the same process, measured over gRPC
             info["grpc"] = {**info["project"], "command": f"{h2load} -> the project's gRPC port"}
-        preflight(servers, info, wrk, bodies[1], warmup_s=1, grpc_load=grpc_load)
-        measurements = run_rounds(servers, scenarios, bodies, wrk, args.duration, args.rounds, grpc_load)
+        servers = {name: started[name] for name in args.servers if name in started}
+        info = {name: info[name] for name in args.servers if name in info}
+        requests = prepare_requests(tmp, list(servers), scenarios)
+        preflight(servers, info, wrk, requests, warmup_s=1, grpc_load=grpc_load)
+        measurements = run_rounds(servers, scenarios, requests, wrk, args.duration, args.rounds, grpc_load)
+        record_memory(servers, info, "pss_end_mib")
     result = {
         "meta": meta,
         "servers": info,

@@ -1,6 +1,6 @@
 """Servers as processes, for the harness and the tests: start on a free loopback port, wait until
-ready, find the server's processes in /proc, account CPU time over the whole process tree, and stop
-the whole tree.
+ready, find the server's processes in /proc, account CPU time and memory (PSS) over the whole process
+tree, and stop the whole tree.
 
 Each server runs in its own session (``start_new_session=True``), so its process group holds it
 and every worker it forks; stopping sends SIGTERM (to the group, or to the main process alone for a
@@ -46,6 +46,7 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/health/ready"
     ready_timeout_s: float = 60.0
+    ready_body: bytes | None = None  # set: ready when a POST of this JSON body to ready_path answers 200
 
 
 def serve_spec(name: str, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
@@ -154,6 +155,25 @@ def api_server_pids(main_pid: int) -> set[int]:
     return {pid for pid, cmd in children(main_pid).items() if cmd == main_cmd}
 
 
+def pss_bytes(pid: int) -> int | None:
+    """A process's proportional set size (its private memory plus its share of shared pages), from
+    /proc/<pid>/smaps_rollup; None when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tree_pss_bytes(root: int) -> int:
+    """The PSS of ``root``'s whole live process tree, summed: shared pages count once in all."""
+    stats = _read_proc_stats()
+    return sum(pss_bytes(pid) or 0 for pid in process_tree(root, stats) if stats[pid].state != "Z")
+
+
 def tree_cpu_seconds(root: int) -> float:
     """utime+stime of ``root``'s whole process tree, counting reaped children (cutime+cstime)."""
     stats = _read_proc_stats()
@@ -216,27 +236,28 @@ class RunningServer:
             )
 
     def wait_ready(self, timeout_s: float | None = None) -> RunningServer:
-        """Poll ``GET ready_path`` until it answers 200: for ``timeout_s`` from now, or by default until the spec's
-        ready timeout after the launch. ServerStartError on exit or timeout. ``startup_s`` is the time from
-        the launch to the first ready answer."""
+        """Poll ``GET ready_path`` (a POST of ``ready_body`` when the spec has one) until it answers 200: for
+        ``timeout_s`` from now, or by default until the spec's ready timeout after the launch. ServerStartError
+        on exit or timeout. ``startup_s`` is the time from the launch to the first ready answer."""
         if timeout_s is None:
             timeout_s, deadline = self.spec.ready_timeout_s, self._began + self.spec.ready_timeout_s
         else:
             deadline = time.monotonic() + timeout_s
+        method = "GET" if self.spec.ready_body is None else "POST"
         while time.monotonic() < deadline:
             if not self.alive():
                 code = self.proc.returncode if self.proc else None
                 raise ServerStartError(
                     f"{self.spec.name} exited with code {code} before it was ready; log tail:\n{self.log_tail()}"
                 )
-            if self.request("GET", self.spec.ready_path, timeout_s=1.0)[0] == 200:
+            if self.request(method, self.spec.ready_path, self.spec.ready_body, timeout_s=1.0)[0] == 200:
                 if self.startup_s is None:
                     self.startup_s = time.monotonic() - self._began
                 return self
             time.sleep(0.1)
         raise ServerStartError(
             f"{self.spec.name} not ready after {timeout_s:.0f} s"
-            f" (GET {self.spec.ready_path}); log tail:\n{self.log_tail()}"
+            f" ({method} {self.spec.ready_path}); log tail:\n{self.log_tail()}"
         )
 
     def wait_exit(self, timeout_s: float = 60) -> int:
@@ -245,10 +266,13 @@ class RunningServer:
         return self.proc.wait(timeout=timeout_s)
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, timeout_s: float = 5.0
+        self, method: str, path: str, body: bytes | None = None, timeout_s: float = 5.0,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int | None, bytes]:
-        """One HTTP request: (status, body), or (None, b"") when the server does not answer."""
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        """One HTTP request: (status, body), or (None, b"") when the server does not answer. A body goes
+        with ``headers``, by default ``Content-Type: application/json``."""
+        if headers is None:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
         conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout_s)
         try:
             conn.request(method, path, body=body, headers=headers)
@@ -265,6 +289,10 @@ class RunningServer:
     def cpu_seconds(self) -> float:
         """CPU time used so far by the server's whole process tree."""
         return tree_cpu_seconds(self.pid)
+
+    def pss_bytes(self) -> int:
+        """Memory (PSS) of the server's whole process tree now."""
+        return tree_pss_bytes(self.pid)
 
     def log(self) -> str:
         """The whole log so far."""

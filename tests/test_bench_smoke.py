@@ -1,10 +1,12 @@
 """Smoke test of the benchmark harness (bench/run.py): all three servers, one short round.
 
-Runs ``bench/run.py --smoke`` restricted to one concurrency level (16) and one batch size (64),
-so the whole test takes about 20 s, and checks the JSON it writes: header fields, one entry per
-server and scenario with medians and ratios, nonzero request counts, no errors for the floor and
-the baseline, and a PNG next to the JSON. Needs wrk (``apt-get install wrk``): without it the
-test fails rather than skips, because the harness cannot measure anything.
+Runs ``bench/run.py --smoke`` restricted to one concurrency level (16) and one batch size (64), in
+JSON and in the Open Inference Protocol V2 binary form, so the whole test takes about 25 s, and checks
+the JSON it writes: header fields, each server's start-up time and memory, one entry per server and
+scenario with medians and ratios (the baseline, which does not speak V2 binary, sits that scenario
+out), nonzero request counts, no errors for the floor and the baseline, and a PNG next to the JSON.
+Needs wrk (``apt-get install wrk``): without it the test fails rather than skips, because the harness
+cannot measure anything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN = REPO_ROOT / "bench" / "run.py"
 SERVERS = ("floor", "baseline", "project")
 SCENARIOS = ("rows1_c16", "rows64_c16")
+BINARY_SCENARIO = "v2bin_rows64_c16"  # floor (a no-op upload) and project only
 METRICS = ("req_s", "rows_s", "p50_us", "p99_us", "cpu_us_per_req")
 TIMEOUT_S = 90
 
@@ -53,7 +56,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     """One smoke run of all three servers; then its JSON, PNG and table are checked."""
     if shutil.which("wrk") is None:
         pytest.fail("wrk is not installed; the benchmark needs it: apt-get install wrk")
-    done = run_harness(["--smoke", "--conns", "16", "--rows", "64", "--out", str(tmp_path)])
+    done = run_harness(["--smoke", "--conns", "16", "--rows", "64", "--v2bin-rows", "64", "--out", str(tmp_path)])
     assert done.returncode == 0, (
         f"bench/run.py exited {done.returncode}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     )
@@ -63,6 +66,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     check_header_and_files(result, json_files[0], done.stdout)
     check_every_server_started_and_answered(result)
     check_summary_structure_and_counts(result)
+    check_binary_scenario(result)
 
 
 def check_header_and_files(result: dict[str, Any], json_path: Path, stdout: str) -> None:
@@ -77,17 +81,21 @@ def check_header_and_files(result: dict[str, Any], json_path: Path, stdout: str)
 
 
 def check_every_server_started_and_answered(result: dict[str, Any]) -> None:
-    """All three servers started and passed the harness's pre-flight request check."""
+    """All three servers started, with a start-up time and memory, and passed the harness's pre-flight request
+    check (the project's JSON and V2 binary outputs equal the baseline's)."""
     assert set(result["servers"]) == set(SERVERS)
     for name, info in result["servers"].items():
         assert info["error"] is None, f"{name} did not start: {info['error']}"
         assert info["check"]["ok"], f"{name} pre-flight check: {info['check']['detail']}"
+        assert info["startup_s"] > 0 and info["pss_ready_mib"] > 1 and info["pss_end_mib"] > 1, info
+    assert set(result["servers"]["project"]["check"]["outputs"]) == {"json", "v2bin"}
+    assert result["servers"]["project"]["check"]["agrees_with_baseline"]
 
 
 def check_summary_structure_and_counts(result: dict[str, Any]) -> None:
     """Every scenario x server has figures and ratios; floor and baseline had no errors."""
     summary = result["summary"]
-    assert set(summary) == set(SCENARIOS)
+    assert set(summary) == {*SCENARIOS, BINARY_SCENARIO}
     for sid in SCENARIOS:
         assert set(summary[sid]) == set(SERVERS)
         for name, entry in summary[sid].items():
@@ -103,3 +111,15 @@ def check_summary_structure_and_counts(result: dict[str, Any]) -> None:
         assert summary[sid]["floor"]["vs_floor"]["req_s"] == pytest.approx(1.0)
         assert summary[sid]["baseline"]["vs_baseline"]["p99_us"] == pytest.approx(1.0)
     assert summary["rows64_c16"]["baseline"]["rows_s"] == pytest.approx(64 * summary["rows64_c16"]["baseline"]["req_s"])
+
+
+def check_binary_scenario(result: dict[str, Any]) -> None:
+    """The V2 binary runs: floor and project only, rows/s from req/s, ratios to the floor but not the baseline."""
+    entries = result["summary"][BINARY_SCENARIO]
+    assert set(entries) == {"floor", "project"}
+    for name, entry in entries.items():
+        assert entry["wire"] == "v2-binary" and entry["flavour"] == "v2bin"
+        assert entry["requests"] > 0 and not entry["failures"], f"{name}: {entry['failures']}"
+        assert entry["rows_s"] == pytest.approx(64 * entry["req_s"])
+        assert entry["vs_floor"]["rows_s"] is not None and entry["vs_baseline"]["rows_s"] is None
+    assert entries["project"]["errors"] == 0
