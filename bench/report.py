@@ -130,13 +130,18 @@ def header(result: dict[str, Any]) -> str:
     lines += [f"peer {name}: {_peer_text(peer)}" for name, peer in meta.get("peers", {}).items()]
     servers = [
         [name, fmt_num(i.get("startup_s")), fmt_num(i.get("pss_ready_mib")), fmt_num(i.get("pss_end_mib")),
-         _check_text(i), (i["error"] or "").split("; log tail")[0].splitlines()[0] if i["error"] else ""]
+         fmt_num(i.get("idle_cpu_pct")), _check_text(i),
+         (i["error"] or "").split("; log tail")[0].splitlines()[0] if i["error"] else ""]
         for name, i in result["servers"].items()
     ]
-    table = markdown_table(["server", "startup s", "PSS MiB ready", "PSS MiB end", "check", "error"], servers,
-                           align="lrrrll")
+    table = markdown_table(["server", "startup s", "PSS MiB ready", "PSS MiB end", "idle CPU %", "check", "error"],
+                           servers, align="lrrrrll")
+    roles = [[name, role, str(m["processes"]), fmt_num(m["pss_mib"]), fmt_num(m["rss_mib"])]
+             for name, i in result["servers"].items() for role, m in (i.get("memory_by_role") or {}).items()]
+    role_table = markdown_table(["server", "process role", "processes", "PSS MiB", "RSS MiB"], roles,
+                                align="llrrr") if roles else ""
     failures = [f"### {name}: {info['error']}" for name, info in result["servers"].items() if info["error"]]
-    return "\n\n".join(["\n".join(lines), table, *failures])
+    return "\n\n".join(["\n".join(lines), table, *([role_table] if role_table else []), *failures])
 
 
 def _peer_text(peer: dict[str, Any]) -> str:

@@ -27,7 +27,10 @@ What is measured, with wrk (keep-alive, ``bench/post.lua``), each run bounded to
 * server CPU per request: utime+stime summed over the server's whole process tree (from
   /proc/<pid>/stat, before and after each run) divided by completed requests;
 * per server: the time from launch to ready (servers start one after another, so each has the machine
-  to itself), and its memory, PSS summed over its process tree, once ready and after the last run.
+  to itself), and its memory, PSS summed over its process tree, once ready and after the last run
+  (for this project's servers also PSS and RSS by process role: supervisor, API servers, inference
+  workers, other); then its idle CPU: the whole tree's utime+stime over ``--idle-s`` seconds with no
+  traffic, every server over the same window (% of one core).
 
 Rounds are interleaved: each round measures every server at every scenario, servers back to back
 for one scenario (their order rotating from round to round), so slow drift of a shared machine
@@ -56,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -65,7 +69,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: import bench, models
 
 from bench import grpcload, loadgen, peers, report, wire
-from bench.servers import RunningServer, ServerSpec, ServerStartError
+from bench.servers import RunningServer, ServerSpec, ServerStartError, role_memory
 from bench.wire import PreparedRequest, Wire, WireError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +218,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--before", type=Path, default=None,
                         help="a checkout of an earlier commit (git worktree add DIR REV): adds its server as 'before'")
     parser.add_argument("--project-args", default="", help='extra CLI args for the project server, e.g. "--workers 2"')
+    parser.add_argument("--idle-s", type=float, default=None,
+                        help="after the runs, seconds of no traffic over which each server's CPU is measured "
+                        "(default 20; smoke 1; 0 skips it)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
     args.servers = choose_servers(args.servers, args.grpc, args.before is not None, args.peers)
@@ -223,6 +230,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("grpc measures the project server: add project to --servers")
     args.duration = args.duration or (1 if args.smoke else 5)
     args.rounds = args.rounds or (1 if args.smoke else 3)
+    args.idle_s = (1.0 if args.smoke else 20.0) if args.idle_s is None else args.idle_s
     return args
 
 
@@ -632,9 +640,22 @@ def prepare_requests(
 
 
 def record_memory(servers: Mapping[str, RunningServer], info: dict[str, dict[str, Any]], key: str) -> None:
-    """``info[name][key]``: each server's PSS now, in MiB."""
+    """``info[name][key]``: each server's PSS now, in MiB; for this project's servers also PSS and RSS by
+    process role (``memory_by_role``)."""
     for name, server in servers.items():
         info[name][key] = mib(server)
+        if name in ("project", "before") and server.alive():
+            info[name]["memory_by_role"] = role_memory(server.pid)
+
+
+def record_idle(servers: Mapping[str, RunningServer], info: dict[str, dict[str, Any]], seconds: float) -> None:
+    """``info[name]["idle_cpu_pct"]``: each server's CPU (whole process tree, % of one core) over ``seconds``
+    with no traffic, all servers measured over the same window."""
+    distinct = {name: server for name, server in servers.items() if name != "grpc" and server.alive()}
+    before = {name: server.cpu_seconds() for name, server in distinct.items()}
+    time.sleep(seconds)
+    for name, server in distinct.items():
+        info[name]["idle_cpu_pct"] = 100 * (server.cpu_seconds() - before[name]) / seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -673,6 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         preflight(servers, info, wrk, requests, warmup_s=1, grpc_load=grpc_load)
         measurements = run_rounds(servers, scenarios, requests, wrk, args.duration, args.rounds, grpc_load)
         record_memory(servers, info, "pss_end_mib")
+        if args.idle_s:
+            record_idle(servers, info, args.idle_s)
     result = {
         "meta": meta,
         "servers": info,

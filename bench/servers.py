@@ -168,6 +168,36 @@ def pss_bytes(pid: int) -> int | None:
     return None
 
 
+def memory_bytes(pid: int) -> tuple[int, int] | None:
+    """(PSS, RSS) of a process from /proc/<pid>/smaps_rollup; None when it is gone or unreadable."""
+    found: dict[bytes, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith((b"Pss:", b"Rss:")):
+                    found[line[:3]] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return (found[b"Pss"], found[b"Rss"]) if len(found) == 2 else None
+
+
+def role_memory(main_pid: int) -> dict[str, dict[str, float]]:
+    """A project server's memory by process role (supervisor, API servers, inference workers, other
+    children such as multiprocessing's resource tracker): processes, PSS and RSS summed, in MiB."""
+    workers, apis = worker_pids(main_pid), api_server_pids(main_pid)
+    roles: dict[str, dict[str, float]] = {}
+    for pid in process_tree(main_pid):
+        role = ("supervisor" if pid == main_pid else "inference workers" if pid in workers
+                else "API servers" if pid in apis else "other")
+        memory = memory_bytes(pid) if alive(pid) else None
+        if memory is not None:
+            entry = roles.setdefault(role, {"processes": 0, "pss_mib": 0.0, "rss_mib": 0.0})
+            entry["processes"] += 1
+            entry["pss_mib"] += memory[0] / 2**20
+            entry["rss_mib"] += memory[1] / 2**20
+    return roles
+
+
 def tree_pss_bytes(root: int) -> int:
     """The PSS of ``root``'s whole live process tree, summed: shared pages count once in all."""
     stats = _read_proc_stats()

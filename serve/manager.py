@@ -106,6 +106,15 @@ class Fleet:
                 "path": origin, "versions": sorted({w["version"] for w in workers if w["version"]}),
                 "workers": workers, "last_reload": self.last_reload}
 
+    def set_versions(self, served: Version, previous: Version | None) -> None:
+        """What the API servers show as served and previous (pushed with the next :meth:`publish`)."""
+        self.versions = (served.id, previous.id if previous else None, served.origin)
+
+    def set_draining(self) -> None:
+        """Readiness turns 503 on every API server."""
+        self.draining = True
+        self.publish()
+
     def publish(self) -> None:
         """Push the state to every API server."""
         state = self.state()
@@ -150,8 +159,26 @@ class Picker:
         self.fleet.record("failed", None, error, reason)
 
 
+@dataclasses.dataclass(eq=False)
+class Rollout:
+    """A version on its way to every worker (two-phase): the workers that still have to load it, and those
+    that have. It is served when every worker still there has loaded it."""
+
+    version: Version
+    waiting: set[int]
+    loaded_by: set[int] = dataclasses.field(default_factory=set)
+
+    def loaded(self, worker: int) -> None:
+        self.waiting.discard(worker)
+        self.loaded_by.add(worker)
+
+    def complete(self) -> bool:
+        """No worker is left to answer, and at least one loaded it."""
+        return not self.waiting and bool(self.loaded_by)
+
+
 class VersionManager:
-    """Which version is served, which came before, and which is being staged (the hub's handler)."""
+    """Which version is served, which came before, and which is being rolled out (the hub's handler)."""
 
     def __init__(self, store: VersionStore, workers: int, load_timeout: float) -> None:
         self.store, self.expected_workers, self.load_timeout = store, workers, load_timeout
@@ -159,9 +186,7 @@ class VersionManager:
         self.hub: Hub | None = None
         self.served: Version | None = None
         self.previous: Version | None = None
-        self.staging: Version | None = None
-        self.waiting: set[int] = set()  # workers that have not answered the staging load yet
-        self.loaded_by: set[int] = set()
+        self.rollout: Rollout | None = None
         self.picker = Picker(store, self.fleet)
         self.startup = StartupGate()
         self.rescan_requested = threading.Event()
@@ -172,25 +197,38 @@ class VersionManager:
         """A (new or replacement) worker asks what to serve: the version its peers serve."""
         if self.served is not None:
             peer.send(self.served.command("serve"))
-        if self.staging is not None:
-            peer.send(self.staging.command("serve" if self.served is None else "load"))
-            self.waiting.add(peer.id)
+        if self.rollout is not None:
+            peer.send(self.rollout.version.command("serve" if self.served is None else "load"))
+            self.rollout.waiting.add(peer.id)
 
     def worker_left(self, peer: Peer) -> None:
-        self.waiting.discard(peer.id)
-        self._maybe_commit()
+        if self.rollout is not None:
+            self.rollout.waiting.discard(peer.id)
+            self._maybe_commit()
 
     def loaded(self, peer: Peer, version: str) -> None:
-        if self.staging is not None and version == self.staging.id:
-            self.waiting.discard(peer.id)
-            self.loaded_by.add(peer.id)
+        if self.rollout is not None and version == self.rollout.version.id:
+            self.rollout.loaded(peer.id)
             self._maybe_commit()
 
     def serving(self, peer: Peer, version: str) -> None:
-        if self.served is None and self.staging is not None and version == self.staging.id:
+        if self.served is None and self.rollout is not None and version == self.rollout.version.id:
             self._commit(broadcast=False)
         if self.served is not None and self.fleet.count_serving(self.served.id) >= self.expected_workers:
             self.startup.event.set()
+
+    def rejected(self, peer: Peer, version: str | None, error: str, reason: str) -> None:
+        if version is None:  # the worker cannot serve at all (no such device, no such model class)
+            self.startup.fail(error)
+            logger.error("worker %d: %s", peer.id, error)
+        elif self.rollout is not None and version == self.rollout.version.id:
+            fingerprint, self.rollout = self.rollout.version.fingerprint, None
+            self.picker.reject(fingerprint, error, reason)
+            self.reconsider()
+        elif self.served is not None and version == self.served.id:
+            logger.error("worker %d cannot serve version %s that its peers serve (%s); replacing it",
+                         peer.id, version, error)
+            self.fleet.kill(peer)
 
     # -- decisions ------------------------------------------------------------------------------
     def on_candidates(self, candidates: list[Candidate]) -> None:
@@ -199,8 +237,8 @@ class VersionManager:
         self.reconsider()
 
     def reconsider(self) -> None:
-        """Stage the best candidate if it is not what is served (decided again after each staging)."""
-        if self.staging is not None:
+        """Roll out the best candidate if it is not what is served (decided again after each rollout)."""
+        if self.rollout is not None:
             return
         version = self.picker.pick(self.served)
         if version is None:
@@ -209,36 +247,30 @@ class VersionManager:
         elif self.served is not None and version.sha256 == self.served.sha256:  # the same bytes, renamed:
             self.served = dataclasses.replace(self.served, fingerprint=version.fingerprint)  # not read again
         else:
-            self._stage(version)
+            self.rollout = rollout = Rollout(version, set(self.fleet.workers))
+            self.fleet.tell_workers(version.command("serve" if self.served is None else "load"))
+            if self.served is not None and self.hub is not None:
+                self.hub.call_later(self.load_timeout, lambda: self._load_timed_out(rollout))
 
-    def _stage(self, version: Version) -> None:
-        self.staging, self.loaded_by = version, set()
-        self.waiting = set(self.fleet.workers)
-        self.fleet.tell_workers(version.command("serve" if self.served is None else "load"))
-        if self.served is not None and self.hub is not None:
-            self.hub.call_later(self.load_timeout, lambda: self._load_timed_out(version))
-
-    def _load_timed_out(self, version: Version) -> None:
-        if self.staging is not version:
+    def _load_timed_out(self, rollout: Rollout) -> None:
+        if self.rollout is not rollout:
             return
-        for worker in list(self.waiting):
-            logger.error("worker %d did not load version %s within %.0f s; replacing it", worker, version.id,
-                         self.load_timeout)
+        for worker in list(rollout.waiting):
+            logger.error("worker %d did not load version %s within %.0f s; replacing it", worker,
+                         rollout.version.id, self.load_timeout)
             self.fleet.kill(self.fleet.workers.get(worker))
-        self.waiting.clear()
+        rollout.waiting.clear()
         self._maybe_commit()
 
     def _maybe_commit(self) -> None:
-        if self.staging is not None and self.served is not None and not self.waiting and self.loaded_by:
+        if self.rollout is not None and self.served is not None and self.rollout.complete():
             self._commit(broadcast=True)
 
     def _commit(self, broadcast: bool) -> None:
-        assert self.staging is not None
-        if self.served is not None:
-            self.previous = self.served
-        self.served, self.staging = self.staging, None
-        self.loaded_by, self.waiting = set(), set()
-        self._published_versions()
+        assert self.rollout is not None
+        self.previous = self.served or self.previous
+        self.served, self.rollout = self.rollout.version, None
+        self.fleet.set_versions(self.served, self.previous)
         metrics.RELOADS.labels(result="ok", reason="").inc()
         logger.info("serving version %s from %s", self.served.id, self.served.origin)
         if broadcast:
@@ -246,20 +278,6 @@ class VersionManager:
         self.fleet.record("ok", self.served.id)
         self.store.keep_only(self.served, self.previous)
         self.reconsider()
-
-    def rejected(self, peer: Peer, version: str | None, error: str, reason: str) -> None:
-        if version is None:  # the worker cannot serve at all (no such device, no such model class)
-            self.startup.fail(error)
-            logger.error("worker %d: %s", peer.id, error)
-        elif self.staging is not None and version == self.staging.id:
-            fingerprint = self.staging.fingerprint
-            self.staging, self.waiting, self.loaded_by = None, set(), set()
-            self.picker.reject(fingerprint, error, reason)
-            self.reconsider()
-        elif self.served is not None and version == self.served.id:
-            logger.error("worker %d cannot serve version %s that its peers serve (%s); replacing it",
-                         peer.id, version, error)
-            self.fleet.kill(peer)
 
     def rescan(self) -> None:
         """Look at the weights now (admin reload, SIGHUP): files known to be bad get one more try."""
@@ -269,22 +287,14 @@ class VersionManager:
 
     def rollback(self) -> bool:
         """Serve the previous version again, on every worker, until the weights change."""
-        if self.previous is None or self.staging is not None:
+        if self.previous is None or self.rollout is not None:
             return False
         self.served, self.previous = self.previous, self.served
-        self._published_versions()
+        self.fleet.set_versions(self.served, self.previous)
         self.fleet.tell_workers(self.served.command("serve"))
         self.fleet.record("rollback", self.served.id)
         logger.info("rolled back to version %s", self.served.id)
         return True
-
-    def _published_versions(self) -> None:
-        self.fleet.versions = (self.served.id if self.served else None, self.previous.id if self.previous else None,
-                               self.served.origin if self.served else None)
-
-    def set_draining(self) -> None:
-        self.fleet.draining = True
-        self.fleet.publish()
 
 
 class ControlRouter:

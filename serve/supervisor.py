@@ -158,7 +158,7 @@ class Supervisor:
     def drain(self) -> None:
         """Readiness turns 503 everywhere; replacements stop; after ``drain_s`` the server stops."""
         if self.hub is not None:
-            self.hub.call_soon(self.manager.set_draining)
+            self.hub.call_soon(self.manager.fleet.set_draining)
         timer = threading.Timer(self.settings.drain_s, self.set)
         timer.daemon = True
         timer.start()

@@ -2,7 +2,8 @@
 
 Runs ``bench/run.py --smoke`` restricted to one concurrency level (16) and one batch size (64), in
 JSON and in the Open Inference Protocol V2 binary form, so the whole test takes about 25 s, and checks
-the JSON it writes: header fields, each server's start-up time and memory, one entry per server and
+the JSON it writes: header fields, each server's start-up time, memory (the project's by process role)
+and idle CPU, one entry per server and
 scenario with medians and ratios (the baseline, which does not speak V2 binary, sits that scenario
 out), nonzero request counts, no errors for the floor and the baseline, and a PNG next to the JSON.
 Needs wrk (``apt-get install wrk``): without it the test fails rather than skips, because the harness
@@ -88,6 +89,11 @@ def check_every_server_started_and_answered(result: dict[str, Any]) -> None:
         assert info["error"] is None, f"{name} did not start: {info['error']}"
         assert info["check"]["ok"], f"{name} pre-flight check: {info['check']['detail']}"
         assert info["startup_s"] > 0 and info["pss_ready_mib"] > 1 and info["pss_end_mib"] > 1, info
+        assert 0 <= info["idle_cpu_pct"] < 100, info  # over the smoke run's 1 s without traffic
+    roles = result["servers"]["project"]["memory_by_role"]
+    assert set(roles) >= {"supervisor", "API servers", "inference workers"}, roles
+    assert roles["supervisor"]["processes"] == 1 and roles["inference workers"]["processes"] >= 1
+    assert all(0 < role["pss_mib"] <= role["rss_mib"] for role in roles.values()), roles
     assert set(result["servers"]["project"]["check"]["outputs"]) == {"json", "v2bin"}
     assert result["servers"]["project"]["check"]["agrees_with_baseline"]
 
