@@ -24,7 +24,7 @@ from litserve.specs.base import LitSpec
 
 from serve.control import ControlClient
 from serve.logs import configure_logging
-from serve.process import detach_worker, freeze_heap
+from serve.process import detach_worker, freeze_heap, release_startup_pages
 from serve.settings import Settings
 from serve.transport import Layout
 from serve.worker import BatchingLoop
@@ -74,6 +74,7 @@ class ServingAPI(ls.LitAPI):
         self.registry = ModelRegistry(options, worker_id)
         follow_commands(client, self.registry, until_serving=True)
         freeze_heap()  # torch and the model: no full collection walks them again
+        release_startup_pages()  # what importing torch read and serving never needs
         threading.Thread(target=self._follow, args=(client,), name="control", daemon=True).start()
 
     def _follow(self, client: ControlClient) -> None:
