@@ -1,7 +1,8 @@
 """An inference worker's side of the data plane: one connection to every API server, and the
 batching loop that LitServe runs in the worker (our ``LitLoop``).
 
-The loop blocks (``selectors``, no busy-wait) until requests arrive from any API server, takes every
+The loop blocks (``selectors``) until requests arrive from any API server (after an answer it first
+polls for up to ``SIMPLENN_WORKER_SPIN_US`` while a core would otherwise idle, :mod:`serve.cpu`), takes every
 request that has arrived (up to ``max_batch_size`` rows; a request that would overflow waits for the
 next batch, a single oversized request runs alone), optionally lingers ``batch_timeout`` for more,
 runs one forward pass on one model snapshot, and answers each API server once per batch. A lost API
@@ -25,6 +26,7 @@ from litserve.loops.base import LitLoop
 
 from serve import metrics
 from serve.channel import ChannelClosed, Connection, connect, frame
+from serve.cpu import core_would_idle, usable_cpus
 from serve.transport import EXPIRED, FAILED, NOT_FINITE, OK, Layout, decode_request, encode_replies
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,10 @@ class Request:
 class ApiLinks:
     """This worker's connections to every API server, read through one selector."""
 
-    def __init__(self, layout: Layout, worker_id: int) -> None:
-        self.layout, self.worker_id = layout, worker_id
+    def __init__(self, layout: Layout, worker_id: int, spin_s: float = 0.0) -> None:
+        self.layout, self.worker_id, self.spin_s = layout, worker_id, spin_s
+        self.cpus = usable_cpus()
+        self.last_batch = 0  # requests in the last batch: a worker that batches several is busy, it never spins
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, Connection | None] = {i: None for i in range(layout.api_servers)}
         self.ready: deque[Request] = deque()
@@ -70,16 +74,18 @@ class ApiLinks:
             self.conns[index] = None
         self._connect(index)
 
-    def wait(self, timeout: float | None) -> bool:
+    def wait(self, timeout: float | None, spin: bool = False) -> bool:
         """Wait up to ``timeout`` (None: until something happens) for requests (or writability); True if
-        requests arrived. While an API server's connection is missing, retry it every 0.2 s."""
+        requests arrived. With ``spin``, first poll for up to ``spin_s`` if a core would otherwise idle.
+        While an API server's connection is missing, retry it every 0.2 s."""
         missing = [i for i, conn in self.conns.items() if conn is None]
         for index in missing:
             self._connect(index)
         if missing:
             timeout = _RECONNECT_S if timeout is None else min(timeout, _RECONNECT_S)
         before = len(self.ready)
-        for key, mask in self.selector.select(timeout):
+        events = self._spin() if spin and self.spin_s and core_would_idle(self.cpus) else []
+        for key, mask in events or self.selector.select(timeout):
             index, conn = key.data, key.fileobj
             try:
                 if mask & selectors.EVENT_WRITE:
@@ -95,9 +101,17 @@ class ApiLinks:
                     self._drop(index)
         return len(self.ready) > before
 
+    def _spin(self) -> list[tuple[selectors.SelectorKey, int]]:
+        """Poll without sleeping for up to ``spin_s``; the events, or [] when none came."""
+        deadline = time.perf_counter() + self.spin_s
+        while time.perf_counter() < deadline:
+            if events := self.selector.select(0):
+                return events
+        return []
+
     def take_batch(self, max_rows: int, linger: float, wait: float | None = None) -> list[Request]:
         """Block up to ``wait`` (None: as long as it takes) for a first request, then take what has arrived, up to ``max_rows`` rows."""
-        if not self.ready and not self.wait(wait):
+        if not self.ready and not self.wait(wait, spin=self.last_batch == 1):
             return []
         batch: list[Request] = []
         rows, deadline = 0, time.monotonic() + linger
@@ -107,6 +121,7 @@ class ApiLinks:
                 batch.append(request)
                 rows += len(request.values)
             if self.ready or rows >= max_rows or not self.wait(max(0.0, deadline - time.monotonic())):
+                self.last_batch = len(batch)
                 return batch
 
     def answer(self, conn: Connection, data: bytes) -> None:
@@ -137,7 +152,7 @@ class BatchingLoop(LitLoop):
 
     def __call__(self, lit_api: Any, device: str, worker_id: int, request_queue: Any, transport: Any,
                  workers_setup_status: Any, callback_runner: Any) -> None:
-        links = ApiLinks(transport.layout, worker_id)
+        links = ApiLinks(transport.layout, worker_id, lit_api.settings.worker_spin_us / 1e6)
         while True:
             batch = links.take_batch(lit_api.max_batch_size, lit_api.batch_timeout)
             if batch:

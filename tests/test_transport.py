@@ -3,6 +3,7 @@ the queue bound and timeouts."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -150,3 +151,24 @@ def test_a_request_that_waits_too_long_gets_504(start_server) -> None:
     response = httpx.post(server.url + "/predict", json={"input": [0.5] * 10}, timeout=10)
     assert response.status_code == 504 and "0.5 s" in response.json()["error"]
     assert time.monotonic() - started < 1.4
+
+
+def test_a_spinning_worker_takes_requests_that_come_during_and_after_its_spin(tmp_path: Path) -> None:
+    """With a spin, a request sent at once is taken without sleeping, and one sent long after the spin
+    is still taken (the worker then blocks as usual)."""
+    layout = Layout(tmp_path, api_servers=1)
+    layout.listen()
+    links = ApiLinks(layout, worker_id=0, spin_s=0.05)
+    links.cpus, links.last_batch = 10_000, 1  # idle cores, and a worker that is not batching: it spins
+    conn = None
+    while conn is None:
+        conn = accept(layout.listeners[0])
+    try:
+        for delay in (0.01, 0.2):  # within the 50 ms spin, then long after it
+            request = encode_request(7, time.monotonic(), np.ones((1, 4), np.float32))
+            threading.Timer(delay, conn.send, args=(request,)).start()
+            batch = links.take_batch(max_rows=16, linger=0.0)  # no wait limit: spin, then block
+            assert [r.uid for r in batch] == [7] and batch[0].values.shape == (1, 4)
+    finally:
+        conn.close()
+        layout.listeners[0].close()

@@ -1,0 +1,23 @@
+"""serve.cpu: usable cores and whether one would idle (pure parsing, plus this machine's real answers)."""
+
+from __future__ import annotations
+
+import os
+
+from serve.cpu import core_would_idle, cpus_from_quota, runnable_others, usable_cpus
+
+
+def test_a_cgroup_quota_is_read_as_cores() -> None:
+    assert cpus_from_quota("150000 100000\n") == 1.5
+    assert cpus_from_quota("max 100000\n") is None
+    assert cpus_from_quota("") is None
+
+
+def test_runnable_others_leaves_out_the_caller() -> None:
+    assert runnable_others("0.52 0.40 0.35 3/412 9876\n") == 2
+
+
+def test_this_machine_has_at_least_one_usable_core_and_an_answer_about_idling() -> None:
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+    assert isinstance(core_would_idle(usable_cpus()), bool)
+    assert core_would_idle(10_000) is True  # more cores than anything could keep busy
