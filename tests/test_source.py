@@ -16,6 +16,7 @@ import pytest
 import serve.source
 import serve.watch
 from serve.source import Candidate, WeightsNotFoundError, WeightsSource
+from tests.files import symlink_atomic, write_atomic
 
 WAIT_S = 5.0  # upper bound for any single wait in these tests
 
@@ -24,20 +25,6 @@ pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExce
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Publisher contract: write a temporary name, then rename over the target."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def symlink_atomic(target: str, link: Path) -> None:
-    """Retarget a symlink atomically (new link under a temp name, renamed over the old one)."""
-    tmp = link.with_name(link.name + "_tmp")
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
 
 def later(delay: float, action: Callable[[], None]) -> threading.Timer:
     timer = threading.Timer(delay, action)

@@ -16,6 +16,7 @@ import pytest
 
 import serve.watch
 from serve.watch import DirectoryEvents, DirectoryWatcher, WatchTarget, directory_target
+from tests.files import symlink_atomic, write_atomic
 
 WAIT_S = 3.0
 
@@ -27,18 +28,6 @@ pytestmark = [
 
 def readable(events: DirectoryEvents, timeout: float = WAIT_S) -> bool:
     return bool(select.select([events], [], [], timeout)[0])
-
-
-def rename_over(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def symlink_swap(target: str, link: Path) -> None:
-    tmp = link.with_name(link.name + "_tmp")
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
 
 
 class Calls:
@@ -89,7 +78,7 @@ def test_create_and_rename_over_are_read_by_name(tmp_path: Path) -> None:
         (tmp_path / "model.pth").write_bytes(b"v1")
         assert readable(events)
         assert set(events.drain()) == {"model.pth"}
-        rename_over(tmp_path / "model.pth", b"v2")
+        write_atomic(tmp_path / "model.pth", b"v2")
         assert readable(events)
         assert {"model.pth.tmp", "model.pth"} <= set(events.drain())
         assert events.drain() == []
@@ -102,7 +91,7 @@ def test_a_symlink_swap_and_a_deleted_directory_are_events(tmp_path: Path) -> No
     with DirectoryEvents() as events:
         events.add(str(tmp_path))
         events.add(str(tmp_path / "b"))
-        symlink_swap("b", tmp_path / "..data")
+        symlink_atomic("b", tmp_path / "..data")
         assert readable(events) and "..data" in events.drain()
         (tmp_path / "b").rmdir()
         assert readable(events) and "" in events.drain()  # the watched directory itself is gone
@@ -144,7 +133,7 @@ def test_a_forked_child_does_not_keep_the_instance(tmp_path: Path) -> None:
 def test_every_batch_is_reported_at_once(tmp_path: Path, watch) -> None:
     _, calls = watch(dirs(tmp_path))
     for change in (lambda: (tmp_path / "model.pth").write_bytes(b"v1"),
-                   lambda: rename_over(tmp_path / "model.pth", b"v2"),
+                   lambda: write_atomic(tmp_path / "model.pth", b"v2"),
                    lambda: os.symlink("model.pth", tmp_path / "link.pth")):
         before = calls.count
         time.sleep(0.1)  # past the gap that merges a burst into one batch
@@ -175,7 +164,7 @@ def test_re_arms_when_the_targets_move_after_an_event(tmp_path: Path, watch) -> 
         (volume / name).mkdir(parents=True)
     os.symlink("..v1", volume / "..data")
     _, calls = watch(dirs(volume, volume / "..data"))
-    symlink_swap("..v2", volume / "..data")
+    symlink_atomic("..v2", volume / "..data")
     assert calls.wait_more_than(0)
     time.sleep(0.2)  # the swap's batch, then the re-arm's report
     before = calls.count
