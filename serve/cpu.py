@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+_CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # cgroup v1: microseconds, -1 without a quota
+_CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 
 
 def cpus_from_quota(text: str) -> float | None:
@@ -25,13 +27,23 @@ def cpus_from_quota(text: str) -> float | None:
     return int(fields[0]) / int(fields[1])
 
 
+def container_quota() -> float | None:
+    """The cores the container's CPU quota allows (cgroup v2, else v1), None without one."""
+    try:
+        return cpus_from_quota(_CGROUP_CPU_MAX.read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(_CGROUP_V1_QUOTA.read_text())
+        return quota / int(_CGROUP_V1_PERIOD.read_text()) if quota > 0 else None
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
 def usable_cpus() -> int:
     """The cores this process may run on: its affinity, capped by its container's CPU quota (at least 1)."""
     cpus = len(os.sched_getaffinity(0))
-    try:
-        quota = cpus_from_quota(_CGROUP_CPU_MAX.read_text())
-    except (OSError, ValueError):
-        quota = None
+    quota = container_quota()
     return max(1, min(cpus, math.floor(quota))) if quota is not None else cpus
 
 
