@@ -16,6 +16,9 @@ Scenarios (``--scenarios``):
 * ``hang``: SIGSTOP a random worker ``--stops`` times per ``--workers`` count, with
   ``SIMPLENN_HANG_TIMEOUT_S=--hang-timeout``: the API server must SIGKILL it after about that long
   (its requests get 503) and a new worker must serve;
+* ``api-hang``: SIGSTOP a random API server (of 2) ``--stops`` times with the same hang timeout: the
+  supervisor's heartbeat must SIGKILL it after about that long (the requests on its connections fail
+  as connection errors) and a new one must start;
 * ``rollback``: 2 workers; publish a second version, ``POST /admin/rollback``, then SIGKILL one
   worker, then both at once: every answer must carry the rolled-back version.
 
@@ -44,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,16 +381,16 @@ def kill_api_servers(url: str, main_pid: int, load: Load, kills: int, api_server
     return records
 
 
-def stop_worker(url: str, main_pid: int, load: Load, workers: int, hang_s: float, rng: random.Random,
-                version: str | None = None, wedge_s: float = 8.0, pool_timeout_s: float = 30.0) -> Kill | None:
-    """SIGSTOP a random serving worker and measure until it is gone (the API server kills a worker that
-    holds requests for ``hang_s``), until a request sent after the stop gets a 200, and until the pool is
-    complete again. The process gets SIGCONT if it is still there after ``hang_s + 10`` s. None if
-    the pool was never complete to begin with."""
-    pool = wait_for(lambda: full_pool(url, main_pid, workers, version), pool_timeout_s)
-    if pool is None:
+def stop_process(pool: Callable[[set[int]], Collection[int] | None], load: Load, hang_s: float,
+                 rng: random.Random, wedge_s: float = 8.0, pool_timeout_s: float = 30.0) -> Kill | None:
+    """SIGSTOP a random process of ``pool({})`` (the pids when the pool is complete, else None) and measure
+    until it is gone (the server kills a hung worker or API server after ``hang_s``), until a request sent
+    after the stop gets a 200, and until the pool is complete again without it. The process gets SIGCONT
+    if it is still there after ``hang_s + 10`` s. None if the pool was never complete to begin with."""
+    first = wait_for(lambda: pool(set()), pool_timeout_s)
+    if first is None:
         return None
-    kill = Kill(rng.choice(sorted(pool)), time.monotonic())
+    kill = Kill(rng.choice(sorted(first)), time.monotonic())
     os.kill(kill.pid, signal.SIGSTOP)
     try:
         gone = wait_for(lambda: not alive(kill.pid) and time.monotonic(), hang_s + 10, interval=0.01)
@@ -397,9 +400,15 @@ def stop_worker(url: str, main_pid: int, load: Load, workers: int, hang_s: float
             if alive(kill.pid):
                 os.kill(kill.pid, signal.SIGCONT)
     _recover(load, kill, wedge_s, pool_timeout_s)
-    done = wait_for(lambda: full_pool(url, main_pid, workers, version, {kill.pid}), pool_timeout_s)
+    done = wait_for(lambda: pool({kill.pid}), pool_timeout_s)
     kill.replaced_s = None if done is None else time.monotonic() - kill.at
     return kill
+
+
+def api_pool(main_pid: int, api_servers: int, exclude: set[int]) -> set[int] | None:
+    """The API server pids when there are exactly ``api_servers`` of them, none in ``exclude``; else None."""
+    pids = api_server_pids(main_pid)
+    return pids if len(pids) == api_servers and not pids & exclude else None
 
 
 # -- the script -----------------------------------------------------------------------------------------------
@@ -542,25 +551,34 @@ class Bench:
                         a.api_kills)
 
     def hang(self, workers: int) -> Result:
+        """SIGSTOP workers: each held request makes an API server's watchdog kill the stopped one."""
+        return self._stops(f"worker-sigstop-w{workers}", "worker", {"SIMPLENN_WORKERS": str(workers)},
+                           lambda server, exclude: full_pool(server.url, server.pid, workers, None, exclude))
+
+    def api_hang(self) -> Result:
+        """SIGSTOP API servers: the supervisor's heartbeat kills the stopped one."""
+        return self._stops("api-sigstop", "API server", {"SIMPLENN_API_SERVERS": "2"},
+                           lambda server, exclude: api_pool(server.pid, 2, exclude))
+
+    def _stops(self, name: str, what: str, env: dict[str, str],
+               pool: Callable[[RunningServer, set[int]], Collection[int] | None]) -> Result:
         a = self.args
 
         def act(server: RunningServer, load: Load, _: Path) -> list[Kill]:
             kills = []
             for _ in range(a.stops):
-                kill = stop_worker(server.url, server.pid, load, workers, a.hang_timeout, self.rng,
-                                   wedge_s=a.wedge_s)
+                kill = stop_process(lambda exclude: pool(server, exclude), load, a.hang_timeout, self.rng,
+                                    wedge_s=a.wedge_s)
                 if kill is None:
-                    raise FaultError("the workers never all served")
+                    raise FaultError(f"the {what} processes were never all up")
                 kills.append(kill)
                 time.sleep(self.rng.uniform(*a.gap))
             return kills
 
-        result = self.run(f"worker-sigstop-w{workers}",
-                          {"SIMPLENN_WORKERS": str(workers), "SIMPLENN_HANG_TIMEOUT_S": str(a.hang_timeout)},
-                          act, a.stops)
+        result = self.run(name, {**env, "SIMPLENN_HANG_TIMEOUT_S": str(a.hang_timeout)}, act, a.stops)
         for kill in result.kills:
             if kill.died_s is None or kill.died_s > a.hang_timeout + 2.5:
-                result.notes.append(f"stopped worker {kill.pid} gone after {kill.died_s} s "
+                result.notes.append(f"stopped {what} {kill.pid} gone after {kill.died_s} s "
                                     f"(hang timeout {a.hang_timeout} s)")
         return result
 
@@ -615,8 +633,8 @@ def markdown_table(results: list[Result]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", default="worker,api,hang,rollback",
-                        help="comma-separated: worker, api, hang, rollback (default: all)")
+    parser.add_argument("--scenarios", default="worker,api,hang,api-hang,rollback",
+                        help="comma-separated: worker, api, hang, api-hang, rollback (default: all)")
     parser.add_argument("--kills", type=int, default=100, help="worker SIGKILLs per worker count (default 100)")
     parser.add_argument("--workers", default="1,2", help="worker counts for worker and hang (default 1,2)")
     parser.add_argument("--api-kills", type=int, default=20, help="API server SIGKILLs (default 20)")
@@ -635,7 +653,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     args = parser.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(args.scenarios) - {"worker", "api", "hang", "rollback"}
+    unknown = set(args.scenarios) - {"worker", "api", "hang", "api-hang", "rollback"}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     args.workers = [int(n) for n in args.workers.split(",")]
@@ -656,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(bench.api())
             elif scenario == "hang":
                 results += [bench.hang(n) for n in args.workers]
+            elif scenario == "api-hang":
+                results.append(bench.api_hang())
             elif scenario == "rollback":
                 results.append(bench.rollback())
     except ServerStartError as exc:

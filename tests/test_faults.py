@@ -42,7 +42,7 @@ from bench.faults import (
     kill_api_servers,
     kill_workers,
     status,
-    stop_worker,
+    stop_process,
     wait_for,
 )
 from bench.servers import alive, api_server_pids, worker_pids
@@ -192,8 +192,8 @@ def test_a_sigstopped_worker_is_killed_after_the_hang_timeout(start_server, work
     version = file_version(SHIPPED_WEIGHTS)
     with load(server, make_pool((version, SHIPPED_WEIGHTS)), threads=4, ping_every_s=0.1) as traffic:
         time.sleep(0.5)
-        kill = stop_worker(server.url, server.proc.pid, traffic, workers, hang, random.Random(5), version,
-                           wedge_s=WEDGE_S, pool_timeout_s=20)
+        kill = stop_process(lambda exclude: full_pool(server.url, server.proc.pid, workers, version, exclude),
+                            traffic, hang, random.Random(5), wedge_s=WEDGE_S, pool_timeout_s=20)
         time.sleep(1.0)
     assert kill is not None, "the workers never all served"
     samples = traffic.samples
