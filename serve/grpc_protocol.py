@@ -203,26 +203,25 @@ class RpcMethods:
             request_id = _request_id(context)
             trailer = ((REQUEST_ID, request_id),)
             context.set_trailing_metadata(trailer)
-            code = "OK"
+            code, message = "OK", ""
             metrics.IN_FLIGHT.inc()
             try:
                 return await handler(_parse(request_type, data))
             except ServeError as exc:
-                code = exc.grpc_code
+                code, message = exc.grpc_code, exc.message
                 if code == "INTERNAL":
                     logger.warning("answering %s: %s", code, exc.message)
-                await context.abort(grpc.StatusCode[code], exc.message, trailer)
             except asyncio.CancelledError:  # the client went away, or its deadline passed
                 remaining = context.time_remaining()
                 code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
                 raise
             except Exception as exc:  # a bug of ours: logged, and INTERNAL without details
-                code = "INTERNAL"
+                code, message = "INTERNAL", "internal server error"
                 logger.error("unexpected error in %s", route, exc_info=exc)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error", trailer)
-            finally:
+            finally:  # recorded before the client can see the answer (abort sends the status at once)
                 metrics.IN_FLIGHT.dec()
                 self._record(route, code, time.perf_counter() - started, request_id)
+            await context.abort(grpc.StatusCode[code], message, trailer)
             raise AssertionError("unreachable: abort raises")
 
         return grpc.unary_unary_rpc_method_handler(call, response_serializer=response_type.SerializeToString)

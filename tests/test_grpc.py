@@ -455,7 +455,13 @@ def test_sigterm_during_a_stream_of_rpcs_loses_nothing_accepted(start_server) ->
     seen = {status: list(outcomes.values()).count(status) for status in set(outcomes.values())}
     statuses = list(served.values())
     assert served and set(statuses) == {"OK"}, (seen, {status: statuses.count(status) for status in set(statuses)})
-    assert set(seen) <= {"OK", "UNAVAILABLE"}, seen
+    # gRPC core cancels the calls that reached an API server's transport but not yet its application when
+    # that server stops (pending calls are "zombified"): the server never saw them, so nothing accepted is
+    # lost, and a client may send them again. At most one per client stream; every other answer is OK or
+    # UNAVAILABLE (a stopped server), never an error of an accepted request.
+    unseen_cancelled = [rid for rid, code in outcomes.items() if code == "CANCELLED" and rid not in served]
+    assert len(unseen_cancelled) <= len(threads), seen
+    assert {code for rid, code in outcomes.items() if rid not in unseen_cancelled} <= {"OK", "UNAVAILABLE"}, seen
     lost = {rid: outcomes.get(rid) for rid, status in served.items() if outcomes.get(rid) != "OK"}
     assert not lost, f"accepted but not answered: {lost}"
     assert seen.get("OK", 0) > 20, seen
