@@ -58,19 +58,11 @@ class RequestMiddleware:
                 request_id = value.decode("latin-1")[:128]
                 break
         request_id = request_id or os.urandom(12).hex()
-        status = 500
+        status, recorded = 500, False
 
-        async def send_with_id(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
-            await send(message)
-
-        metrics.IN_FLIGHT.inc()
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
+        def record() -> None:
+            nonlocal recorded
+            recorded = True
             metrics.IN_FLIGHT.dec()
             elapsed = time.perf_counter() - started
             route = self.route_label(scope)
@@ -80,6 +72,22 @@ class RequestMiddleware:
                 access_logger.info("request", extra={"request_id": request_id, "method": scope["method"],
                                                      "path": scope["path"], "status": status,
                                                      "ms": round(elapsed * 1000, 3)})
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not recorded:
+                record()  # before the last bytes go out: a client that reads its answer finds it counted
+            await send(message)
+
+        metrics.IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if not recorded:  # no complete answer: an error before the body, or the client went away
+                record()
 
     def _stop_on_shutdown(self, receive: Any) -> Callable[[], Awaitable[dict]]:
         """The lifespan's ``receive``, running ``on_stop`` when shutdown comes (uvicorn sends it once its
