@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import selectors
+import time
 from pathlib import Path
 
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
@@ -59,3 +61,21 @@ def core_would_idle(cpus: int) -> bool:
             return runnable_others(f.read()) < cpus
     except (OSError, ValueError, IndexError):
         return False
+
+
+class Spin:
+    """A worker's brief poll before it sleeps: up to ``seconds``, only while a core would otherwise idle."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.cpus = seconds, usable_cpus()
+
+    def poll(self, selector: selectors.BaseSelector) -> list[tuple[selectors.SelectorKey, int]]:
+        """The selector's events if some come within ``seconds`` (polled, no sleep), else [] at once when a
+        spin would take a core another process wants, or after ``seconds``."""
+        if not self.seconds or not core_would_idle(self.cpus):
+            return []
+        deadline = time.perf_counter() + self.seconds
+        while time.perf_counter() < deadline:
+            if events := selector.select(0):
+                return events
+        return []

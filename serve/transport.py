@@ -31,6 +31,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,17 +181,44 @@ class WorkerLink:
                 pass
 
 
+class Watchdog:
+    """Kills a worker that has held requests for the hang timeout without answering any: one timer, armed
+    only while requests are held, due when the first held link could pass the timeout."""
+
+    def __init__(self, hang_timeout: float, links: Callable[[], Iterable[WorkerLink]]) -> None:
+        self.hang_timeout, self.links = hang_timeout, links
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        """A request went to a worker: a check is due within the hang timeout."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.hang_timeout, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        now, next_check = time.monotonic(), None
+        for link in self.links():
+            if not link.pending or link.killed:
+                continue
+            due = link.stalled_since + self.hang_timeout
+            if due <= now:
+                link.kill(f"held {len(link.pending)} requests for {self.hang_timeout:g} s without answering")
+            else:
+                next_check = due if next_check is None else min(next_check, due)
+        if next_check is not None:
+            self._timer = asyncio.get_running_loop().call_later(next_check - now, self._check)
+
+
 class Dispatcher:
     """An API server's workers: which one takes a request, requests waiting for a worker, and the
     watchdog that kills a worker holding requests past the hang timeout."""
 
     def __init__(self, max_queue_bytes: int, hang_timeout: float) -> None:
         self.max_queue_bytes = max_queue_bytes
-        self.hang_timeout = hang_timeout
         self.links: dict[Connection, WorkerLink] = {}
         self.parked: deque[tuple[int, asyncio.Future, np.ndarray]] = deque()  # waiting for a worker
         self.no_worker_since = time.monotonic()
-        self._watchdog: asyncio.TimerHandle | None = None
+        self.watchdog = Watchdog(hang_timeout, self.links.values)
         self._turn = 0
 
     def submit(self, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
@@ -227,8 +255,7 @@ class Dispatcher:
         if link.bytes and link.bytes + len(data) > self.max_queue_bytes:
             raise Overloaded("the request queue is full; retry shortly")
         link.add(uid, future, len(values), data, time.monotonic())
-        if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_later(self.hang_timeout, self._check_hangs)
+        self.watchdog.arm()
 
     def connected(self, link: WorkerLink) -> None:
         """A worker connected: it takes the parked requests."""
@@ -254,21 +281,6 @@ class Dispatcher:
         for future, _, _ in link.pending.values():
             if not future.done():
                 future.set_exception(WorkerLost("the inference worker stopped; retry"))
-
-    def _check_hangs(self) -> None:
-        """Kill a worker that has held requests for the hang timeout without answering any."""
-        self._watchdog = None
-        now, next_check = time.monotonic(), None
-        for link in self.links.values():
-            if not link.pending or link.killed:
-                continue
-            due = link.stalled_since + self.hang_timeout
-            if due <= now:
-                link.kill(f"held {len(link.pending)} requests for {self.hang_timeout:g} s without answering")
-            else:
-                next_check = due if next_check is None else min(next_check, due)
-        if next_check is not None:
-            self._watchdog = asyncio.get_running_loop().call_later(next_check - now, self._check_hangs)
 
     def can_serve(self) -> bool:
         """A worker is connected and not being killed for a hang."""

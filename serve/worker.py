@@ -26,7 +26,7 @@ from litserve.loops.base import LitLoop
 
 from serve import metrics
 from serve.channel import ChannelClosed, Connection, connect, frame
-from serve.cpu import core_would_idle, usable_cpus
+from serve.cpu import Spin
 from serve.transport import EXPIRED, FAILED, NOT_FINITE, OK, Layout, decode_request, encode_replies
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ class ApiLinks:
     """This worker's connections to every API server, read through one selector."""
 
     def __init__(self, layout: Layout, worker_id: int, spin_s: float = 0.0) -> None:
-        self.layout, self.worker_id, self.spin_s = layout, worker_id, spin_s
-        self.cpus = usable_cpus()
+        self.layout, self.worker_id, self.spin = layout, worker_id, Spin(spin_s)
         self.last_batch = 0  # requests in the last batch: a worker that batches several is busy, it never spins
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, Connection | None] = {i: None for i in range(layout.api_servers)}
@@ -76,7 +75,7 @@ class ApiLinks:
 
     def wait(self, timeout: float | None, spin: bool = False) -> bool:
         """Wait up to ``timeout`` (None: until something happens) for requests (or writability); True if
-        requests arrived. With ``spin``, first poll for up to ``spin_s`` if a core would otherwise idle.
+        requests arrived. With ``spin``, first poll briefly if a core would otherwise idle (:class:`Spin`).
         While an API server's connection is missing, retry it every 0.2 s."""
         missing = [i for i, conn in self.conns.items() if conn is None]
         for index in missing:
@@ -84,7 +83,7 @@ class ApiLinks:
         if missing:
             timeout = _RECONNECT_S if timeout is None else min(timeout, _RECONNECT_S)
         before = len(self.ready)
-        events = self._spin() if spin and self.spin_s and core_would_idle(self.cpus) else []
+        events = self.spin.poll(self.selector) if spin else []
         for key, mask in events or self.selector.select(timeout):
             index, conn = key.data, key.fileobj
             try:
@@ -100,14 +99,6 @@ class ApiLinks:
                 if self.conns[index] is not None and self.conns[index].sock is conn:
                     self._drop(index)
         return len(self.ready) > before
-
-    def _spin(self) -> list[tuple[selectors.SelectorKey, int]]:
-        """Poll without sleeping for up to ``spin_s``; the events, or [] when none came."""
-        deadline = time.perf_counter() + self.spin_s
-        while time.perf_counter() < deadline:
-            if events := self.selector.select(0):
-                return events
-        return []
 
     def take_batch(self, max_rows: int, linger: float, wait: float | None = None) -> list[Request]:
         """Block up to ``wait`` (None: as long as it takes) for a first request, then take what has arrived, up to ``max_rows`` rows."""

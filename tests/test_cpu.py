@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import selectors
+import socket
+import time
 
-from serve.cpu import core_would_idle, cpus_from_quota, runnable_others, usable_cpus
+from serve.cpu import Spin, core_would_idle, cpus_from_quota, runnable_others, usable_cpus
 
 
 def test_a_cgroup_quota_is_read_as_cores() -> None:
@@ -21,3 +24,18 @@ def test_this_machine_has_at_least_one_usable_core_and_an_answer_about_idling() 
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
     assert isinstance(core_would_idle(usable_cpus()), bool)
     assert core_would_idle(10_000) is True  # more cores than anything could keep busy
+
+
+def test_a_spin_returns_events_that_are_there_polls_for_its_time_and_not_at_all_when_off() -> None:
+    a, b = socket.socketpair()
+    with a, b, selectors.DefaultSelector() as selector:
+        selector.register(a, selectors.EVENT_READ)
+        spin = Spin(0.05)
+        spin.cpus = 10_000  # as on a machine with idle cores
+        started = time.monotonic()
+        assert spin.poll(selector) == [] and time.monotonic() - started >= 0.05  # nothing came: it polled
+        b.send(b"x")
+        assert [key.fileobj for key, _ in spin.poll(selector)] == [a]
+        off = Spin(0.0)
+        started = time.monotonic()
+        assert off.poll(selector) == [] and time.monotonic() - started < 0.01  # off: no poll at all

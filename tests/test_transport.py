@@ -159,7 +159,7 @@ def test_a_spinning_worker_takes_requests_that_come_during_and_after_its_spin(tm
     layout = Layout(tmp_path, api_servers=1)
     layout.listen()
     links = ApiLinks(layout, worker_id=0, spin_s=0.05)
-    links.cpus, links.last_batch = 10_000, 1  # idle cores, and a worker that is not batching: it spins
+    links.spin.cpus, links.last_batch = 10_000, 1  # idle cores, and a worker that is not batching: it spins
     conn = None
     while conn is None:
         conn = accept(layout.listeners[0])
