@@ -158,14 +158,8 @@ def api_server_pids(main_pid: int) -> set[int]:
 def pss_bytes(pid: int) -> int | None:
     """A process's proportional set size (its private memory plus its share of shared pages), from
     /proc/<pid>/smaps_rollup; None when it is gone or unreadable."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    memory = memory_bytes(pid)
+    return None if memory is None else memory[0]
 
 
 def memory_bytes(pid: int) -> tuple[int, int] | None:

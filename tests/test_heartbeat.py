@@ -8,33 +8,26 @@ thing (a SIGSTOPped API server is SIGKILLed and replaced) is ``tests/test_faults
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 
 import pytest
 
-from serve.channel import Connection
-from serve.control import Peer, decode
+from serve.control import Peer
 from serve.heartbeat import Heartbeat, Pulse, ping_interval
+from tests.control_children import Child
 
 
-class ApiServerEnd:
+class ApiServerEnd(Child):
     """The API server's end of one control connection: reads the pings, answers them when told."""
 
     def __init__(self, ident: int) -> None:
-        ours, theirs = socket.socketpair()
-        self.peer = Peer(Connection(ours), role="api", id=ident, pid=4000 + ident)
-        self.conn = Connection(theirs)
+        super().__init__("api", ident, pid=4000 + ident)
 
     def pings(self) -> list[int]:
         """The numbers of the pings that have arrived since the last call."""
-        messages = [decode(body) for body in self.conn.frames()]
+        messages = self.told()
         assert all(m["t"] == "ping" for m in messages), messages
         return [m["n"] for m in messages]
-
-    def close(self) -> None:
-        self.peer.conn.close()
-        self.conn.close()
 
 
 @pytest.fixture

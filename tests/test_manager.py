@@ -4,36 +4,21 @@ read back from its end of the connection, as a worker would read it."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from serve.channel import Connection
-from serve.control import Peer, decode
 from serve.manager import VersionManager
 from serve.source import Candidate
 from serve.versions import VersionStore, version_of
+from tests.control_children import Child
 
 
-class Child:
-    """A child on the control channel: the manager's ``Peer`` and the child's own end of the connection."""
-
-    def __init__(self, role: str, ident: int, pid: int = 0) -> None:
-        ours, theirs = socket.socketpair()
-        self.end = Connection(theirs)
-        self.peer = Peer(Connection(ours), role=role, id=ident, pid=pid or os.getpid())
-
-    def told(self) -> list[dict]:
-        """Every message the manager sent this child since the last call."""
-        return [decode(body) for body in self.end.frames()]
-
-    def commands(self) -> list[tuple[str, str]]:
-        """(``load``/``serve``, version) of each command sent since the last call."""
-        return [(m["t"], m["version"]) for m in self.told() if m["t"] in ("load", "serve")]
+def commands(child: Child) -> list[tuple[str, str]]:
+    """(``load``/``serve``, version) of each command sent to ``child`` since the last call."""
+    return [(m["t"], m["version"]) for m in child.told() if m["t"] in ("load", "serve")]
 
 
 def candidate(folder: Path, name: str, content: bytes) -> Candidate:
@@ -56,7 +41,7 @@ def serve_first(manager: VersionManager, workers: list[Child], first: Candidate)
     manager.on_candidates([first])
     version = version_of(first.path.read_bytes())[0]
     for child in workers:
-        assert child.commands() == [("serve", version)]
+        assert commands(child) == [("serve", version)]
         manager.fleet.serving(child.peer, version, None)
         manager.serving(child.peer, version)
     return version
@@ -75,11 +60,11 @@ def test_a_new_version_is_served_only_once_every_worker_has_loaded_it(manager, t
     v1 = serve_first(manager, workers, candidate(tmp_path, "a.pth", b"one"))
     manager.on_candidates([candidate(tmp_path, "b.pth", b"two"), candidate(tmp_path, "a.pth", b"one")])
     v2 = manager.rollout.version.id
-    assert [w.commands() for w in workers] == [[("load", v2)], [("load", v2)]]
+    assert [commands(w) for w in workers] == [[("load", v2)], [("load", v2)]]
     manager.loaded(workers[0].peer, v2)
-    assert manager.served.id == v1 and [w.commands() for w in workers] == [[], []]  # one has not loaded it yet
+    assert manager.served.id == v1 and [commands(w) for w in workers] == [[], []]  # one has not loaded it yet
     manager.loaded(workers[1].peer, v2)
-    assert [w.commands() for w in workers] == [[("serve", v2)], [("serve", v2)]]
+    assert [commands(w) for w in workers] == [[("serve", v2)], [("serve", v2)]]
     assert (manager.served.id, manager.previous.id, manager.rollout) == (v2, v1, None)
     assert manager.fleet.last_reload["result"] == "ok"
 
@@ -93,10 +78,10 @@ def test_a_version_any_worker_rejects_is_served_nowhere_and_not_tried_again(mana
     manager.loaded(workers[0].peer, v2)
     manager.rejected(workers[1].peer, v2, "b.pth: missing key fc1.weight", "keys")
     assert manager.served.id == v1 and manager.rollout is None
-    assert [w.commands() for w in workers] == [[("load", v2)], [("load", v2)]]  # and never "serve"
+    assert [commands(w) for w in workers] == [[("load", v2)], [("load", v2)]]  # and never "serve"
     assert manager.fleet.last_reload == {**manager.fleet.last_reload, "result": "failed", "reason": "keys"}
     manager.on_candidates([bad])  # the same file again: known bad, not offered
-    assert manager.rollout is None and [w.commands() for w in workers] == [[], []]
+    assert manager.rollout is None and [commands(w) for w in workers] == [[], []]
     manager.rescan()  # an operator's rescan gives it one more try
     manager.on_candidates([bad])
     assert manager.rollout is not None and manager.rollout.version.id == v2
@@ -110,11 +95,11 @@ def test_a_worker_that_dies_during_a_rollout_does_not_hold_it_up(manager, tmp_pa
     manager.loaded(workers[0].peer, v2)
     assert manager.fleet.leave(workers[1].peer)
     manager.worker_left(workers[1].peer)
-    assert manager.served.id == v2 and workers[0].commands() == [("load", v2), ("serve", v2)]
+    assert manager.served.id == v2 and commands(workers[0]) == [("load", v2), ("serve", v2)]
     replacement = Child("worker", 1)
     manager.fleet.join(replacement.peer)
     manager.worker_joined(replacement.peer)
-    assert replacement.commands() == [("serve", v2)]  # it serves what its peer serves
+    assert commands(replacement) == [("serve", v2)]  # it serves what its peer serves
 
 
 def test_a_rollback_holds_for_a_replacement_worker_until_a_rescan(manager, tmp_path):
@@ -125,14 +110,14 @@ def test_a_rollback_holds_for_a_replacement_worker_until_a_rescan(manager, tmp_p
     v2 = manager.rollout.version.id
     for child in workers:
         manager.loaded(child.peer, v2)
-    assert [w.commands() for w in workers] == [[("load", v2), ("serve", v2)]] * 2
+    assert [commands(w) for w in workers] == [[("load", v2), ("serve", v2)]] * 2
     assert manager.rollback() is True
-    assert [w.commands() for w in workers] == [[("serve", v1)], [("serve", v1)]]
+    assert [commands(w) for w in workers] == [[("serve", v1)], [("serve", v1)]]
     assert (manager.served.id, manager.previous.id) == (v1, v2)
     replacement = Child("worker", 2)
     manager.fleet.join(replacement.peer)
     manager.worker_joined(replacement.peer)
-    assert replacement.commands() == [("serve", v1)]
+    assert commands(replacement) == [("serve", v1)]
     manager.rescan()  # an operator's rescan looks at the files again: the best one on disk is rolled out
     manager.on_candidates(current)
     assert manager.rollout is not None and manager.rollout.version.id == v2

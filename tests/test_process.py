@@ -33,8 +33,9 @@ def test_release_startup_pages_gives_back_read_only_file_pages_and_the_code_stil
     blob = tmp_path / "library.bin"
     blob.write_bytes(bytes(range(256)) * (64 * 4096))
     found = run_python(
-        "import json, mmap, re, torch; from serve.process import release_startup_pages\n"
-        "rss = lambda: int(re.search(r'Rss:\\s+(\\d+)', open('/proc/self/smaps_rollup').read()).group(1)) // 1024\n"
+        "import json, mmap, os, torch; from serve.process import release_startup_pages\n"
+        "from bench.servers import memory_bytes\n"
+        "rss = lambda: memory_bytes(os.getpid())[1] // 2**20\n"
         f"f = open({str(blob)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
         "total = sum(m[i] for i in range(0, len(m), 4096))\n"
         "before = rss(); advised = release_startup_pages(); after = rss()\n"
