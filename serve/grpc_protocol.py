@@ -37,6 +37,7 @@ from serve import metrics
 from serve.errors import BadInput, MalformedRequest, ModelNotFound, ServeError
 from serve.grpc_gen import grpc_predict_v2_pb2 as pb
 from serve.grpc_gen import health_pb2
+from serve.logs import new_request_id
 from serve.protocols import (V2_OUTPUT, V2_SERVER_NAME, ServingContext, check_v2_names, v2_dtype, v2_model_metadata,
                              v2_rows)
 from serve.settings import Settings
@@ -182,7 +183,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID:
             return str(value)[:128]
-    return os.urandom(12).hex()
+    return new_request_id()
 
 
 class RpcMethods:

@@ -32,6 +32,9 @@ one that moved. The touchpoints, why, and what upstream change would let each go
   for a stop request; :class:`_ApiServer` ticks once a second (the header's resolution) and is woken at
   once by a stop signal instead, so an idle server costs a tenth of the wake-ups. *Drop when uvicorn
   waits on an event.*
+* ``uvicorn.server.Server.server_state.connections`` (uvicorn's set of open client connections): an API
+  server polls briefly for a worker's answer only while it has one client (``SIMPLENN_API_SPIN_US``), so
+  that a poll never delays another client's request. *Drop when uvicorn reports its connection count.*
 * ``litserve.server.configure_logging``: ``run()`` installs a plain-text log handler; every line of ours is
   JSON. *Drop when ``run()`` takes a ``log_config``.*
 """
@@ -161,6 +164,7 @@ class AdaptedLitServer(ls.LitServer):
         config = uvicorn.Config(app=copy.copy(self.app), host="0.0.0.0", port=port, log_level=log_level,
                                 timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)
         server = _ApiServer(config=config)
+        self.fast_transport.client_connections = lambda: len(server.server_state.connections)
         process = mp.get_context("fork").Process(target=server.run, args=(index, sockets), name=f"LitServer-{index}")
         process.start()
         return process

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import time
 
@@ -34,6 +35,14 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
+
+
+def new_request_id() -> str:
+    """A fresh request id: 96 random bits as 24 hex digits.
+
+    From the ``random`` module, which Python reseeds from the OS in every forked or spawned process, not
+    from ``os.urandom``: an id must be unique, not secret, and this costs no system call per request."""
+    return f"{random.getrandbits(96):024x}"
 
 
 def configure_logging(level: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve import metrics
 from serve.errors import NotLive, NotReady, Unauthorized
-from serve.logs import configure_logging
+from serve.logs import configure_logging, new_request_id
 from serve.settings import Settings
 from serve.status import ServerView
 
@@ -57,7 +56,7 @@ class RequestMiddleware:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
                 break
-        request_id = request_id or os.urandom(12).hex()
+        request_id = request_id or new_request_id()
         status, recorded = 500, False
 
         def record() -> None:

@@ -90,7 +90,7 @@ class SimpleNNServer:
         self.grpc: Any = None  # the API server's gRPC server (serve.grpc_protocol.GrpcServer)
         layout = Layout(state_dir, settings.resolved_api_servers())
         self.transport = Transport(layout, settings.max_queue_bytes, settings.request_timeout_s,
-                                   settings.hang_timeout_s)
+                                   settings.hang_timeout_s, settings.api_spin_us / 1e6)
         self.supervisor = Supervisor(settings, layout)
         self.view = ServerView(settings.model_name, layout, self.transport,
                                settings.hang_timeout_s + settings.worker_start_timeout_s)

@@ -41,6 +41,7 @@ import orjson
 from litserve.transport.base import MessageTransport
 
 from serve.channel import ChannelClosed, Connection, accept, frame, listen
+from serve.cpu import Spin
 from serve.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, WorkerLost
 
 logger = logging.getLogger(__name__)
@@ -142,9 +143,12 @@ class WorkerLink:
         self.pending[uid] = (future, rows, len(data))
         self.rows += rows
         self.bytes += len(data)
-        if len(self.conn.outbox) == 0:
-            asyncio.get_running_loop().call_soon(self.flush)
+        flush_later = len(self.conn.outbox) == 0
         self.conn.outbox += data
+        if len(self.pending) == 1:  # an idle worker gets it now; a busy one gets a turn's frames in one write
+            self.flush()
+        elif flush_later:
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         try:
@@ -221,9 +225,10 @@ class Dispatcher:
         self.watchdog = Watchdog(hang_timeout, self.links.values)
         self._turn = 0
 
-    def submit(self, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
-        """Send rows to the connected worker with the fewest rows in flight, or park them until one connects.
-        ``Overloaded`` when that worker's (or the parking's) bytes would pass the queue bound."""
+    def submit(self, uid: int, future: asyncio.Future, values: np.ndarray) -> WorkerLink | None:
+        """Send rows to the connected worker with the fewest rows in flight (returned), or park them until
+        one connects (None). ``Overloaded`` when that worker's (or the parking's) bytes would pass the
+        queue bound."""
         link = self._choose()
         if link is not None:
             self._send(link, uid, future, values)
@@ -231,6 +236,12 @@ class Dispatcher:
             raise Overloaded("the request queue is full; retry shortly")
         else:
             self.parked.append((uid, future, values))
+        return link
+
+    def alone(self, link: WorkerLink) -> bool:
+        """True when ``link`` holds one request and nothing else is in flight in this API server."""
+        return len(link.pending) == 1 and not self.parked and all(
+            not other.pending for other in self.links.values() if other is not link)
 
     def forget(self, uid: int) -> None:
         """Drop a request that was answered, failed or timed out."""
@@ -302,15 +313,19 @@ class Transport(MessageTransport):
     event loop accepts workers' connections and reads their answers, and :meth:`infer` works.
     """
 
-    def __init__(self, layout: Layout, max_queue_bytes: int, request_timeout: float, hang_timeout: float) -> None:
+    def __init__(self, layout: Layout, max_queue_bytes: int, request_timeout: float, hang_timeout: float,
+                 spin_s: float = 0.0) -> None:
         self.layout = layout
         self.request_timeout = request_timeout
         self.workers = Dispatcher(max_queue_bytes, hang_timeout)
+        self.spin_s = spin_s
+        self.spin: Spin | None = None  # made by the API server that serves (it holds a file descriptor)
+        self.client_connections: Callable[[], int] = lambda: 1  # the adapter counts uvicorn's connections
         self._uids = itertools.count(1)
         self._started = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "workers": None, "_uids": None}
+        return {**self.__dict__, "workers": None, "_uids": None, "spin": None, "client_connections": None}
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> None:
         """Start serving as API server ``consumer_id`` (first call), then park: answers arrive by callbacks."""
@@ -321,6 +336,7 @@ class Transport(MessageTransport):
                 if other is not listener:
                     other.close()
             self._uids = itertools.count(1)
+            self.spin = Spin(self.spin_s)
             self.workers.no_worker_since = time.monotonic()
             asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
         await asyncio.Event().wait()
@@ -367,13 +383,30 @@ class Transport(MessageTransport):
         future = loop.create_future()
         timer = loop.call_later(self.request_timeout, _expire, future, f"no answer within {self.request_timeout:g} s")
         try:
-            self.workers.submit(uid, future, np.ascontiguousarray(values, dtype=np.float32))
+            link = self.workers.submit(uid, future, np.ascontiguousarray(values, dtype=np.float32))
+            if link is not None and self.spin is not None and self.workers.alone(link) \
+                    and self.client_connections() <= 1:  # another client's request may be arriving
+                self._poll_answer(link)
             return await future
         except BaseException:  # timed out, cancelled or refused: drop what a worker or the parking still holds
             self.workers.forget(uid)
             raise
         finally:
             timer.cancel()
+
+    def _poll_answer(self, link: WorkerLink) -> None:
+        """Poll ``link`` briefly for the answer to the only request in flight, before the event loop sleeps
+        (:class:`serve.cpu.Spin`): a process that sleeps while a core idles pays for its wake-up."""
+        assert self.spin is not None
+
+        def answers() -> list[bytes] | None:
+            try:
+                return link.conn.frames()
+            except ChannelClosed:
+                return None  # the event loop's reader sees the EOF too, and fails the requests
+
+        for body in self.spin.until(answers) or ():
+            self._deliver(link, body)
 
     def send(self, item: Any, consumer_id: int) -> None:
         """Unused: workers answer over their own connections."""

@@ -83,7 +83,7 @@ class ApiLinks:
         if missing:
             timeout = _RECONNECT_S if timeout is None else min(timeout, _RECONNECT_S)
         before = len(self.ready)
-        events = self.spin.poll(self.selector) if spin else []
+        events = self.spin.until(lambda: self.selector.select(0)) if spin else None
         for key, mask in events or self.selector.select(timeout):
             index, conn = key.data, key.fileobj
             try:

@@ -33,9 +33,12 @@ def test_a_spin_returns_events_that_are_there_polls_for_its_time_and_not_at_all_
         spin = Spin(0.05)
         spin.cpus = 10_000  # as on a machine with idle cores
         started = time.monotonic()
-        assert spin.poll(selector) == [] and time.monotonic() - started >= 0.05  # nothing came: it polled
+        assert spin.until(lambda: selector.select(0)) is None and time.monotonic() - started >= 0.05  # it polled
         b.send(b"x")
-        assert [key.fileobj for key, _ in spin.poll(selector)] == [a]
+        assert [key.fileobj for key, _ in spin.until(lambda: selector.select(0))] == [a]
+        spin.cpus = 0  # as on a machine whose cores are all wanted: no poll at all, even with events waiting
+        calls: list[int] = []
+        assert spin.until(lambda: calls.append(1)) is None and calls == []
         off = Spin(0.0)
         started = time.monotonic()
-        assert off.poll(selector) == [] and time.monotonic() - started < 0.01  # off: no poll at all
+        assert off.until(lambda: selector.select(0)) is None and time.monotonic() - started < 0.01  # off

@@ -56,3 +56,13 @@ def test_no_other_module_reaches_into_litserve_internals() -> None:
             if " litserve" in stripped and stripped.startswith(("import ", "from ")) and stripped not in public:
                 offenders.append(f"serve/{module.name}.py: {stripped}")
     assert not offenders, offenders
+
+
+def test_uvicorn_keeps_its_client_connections_where_the_adapter_counts_them() -> None:
+    """The API server's brief poll for an answer is gated on uvicorn's count of open connections."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app=lambda scope, receive, send: None))
+    if not isinstance(getattr(getattr(server, "server_state", None), "connections", None), set):
+        pytest.fail(f"uvicorn {importlib.metadata.version('uvicorn')}: Server.server_state.connections moved; "
+                    "see serve/litserve_adapter.py", pytrace=False)

@@ -54,3 +54,39 @@ def test_metrics_names_follow_prometheus_conventions(client: httpx.Client) -> No
             assert any(s.name.endswith("_total") for s in family.samples), name
         if "duration" in name or "wait" in name:
             assert name.endswith("_seconds"), name
+
+
+_FORK_SCRIPT = """
+import os, sys
+from serve import metrics
+metrics.ROWS.inc(1)
+child = os.fork()
+if child == 0:
+    metrics.ROWS.inc(2)
+    os._exit(0)
+os.waitpid(child, 0)
+metrics.ROWS.inc(4)
+metrics._pid = 424242  # what prometheus_client now asks for the pid: a write goes to that pid's file
+metrics.ROWS.inc(8)
+print(os.getpid(), child)
+"""
+
+
+def test_values_use_the_cached_pid_and_a_fork_gets_its_own_file(tmp_path) -> None:
+    """Metric writes ask serve.metrics for the pid (no system call), and a forked child still writes a file
+    of its own: the sum over the files is exact."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    parent, child = out.split()
+    counters = sorted(p.name for p in tmp_path.glob("counter_*.db"))
+    assert counters == sorted(f"counter_{pid}.db" for pid in (parent, child, "424242"))
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    assert registry.get_sample_value("simplenn_rows_predicted_total") == 15
