@@ -17,6 +17,7 @@ import logging
 import selectors
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,19 +148,18 @@ class BatchingLoop(LitLoop):
         while True:
             batch = links.take_batch(lit_api.max_batch_size, lit_api.batch_timeout)
             if batch:
-                for conn, data in run_batch(lit_api, batch, transport.request_timeout):
-                    links.answer(conn, data)
+                run_batch(lit_api, batch, transport.request_timeout, links.answer)
 
 
-def run_batch(lit_api: Any, batch: list[Request], timeout: float) -> list[tuple[Connection, bytes]]:
-    """Predict one batch; returns one reply frame per connection. Expired requests are answered
-    without computing; a model fault fails this batch's requests with 500 and the worker lives on."""
+def run_batch(lit_api: Any, batch: list[Request], timeout: float, answer: Callable[[Connection, bytes], None]) -> None:
+    """Predict one batch and ``answer`` one reply frame per connection, then record the batch's metrics
+    (after the answers, off their path). Expired requests are answered without computing; a model fault
+    fails this batch's requests with 500 and the worker lives on."""
     now = time.monotonic()
     live: list[Request] = []
     answers: dict[Connection, list[tuple[int, int, Any]]] = {}
-    for request in batch:
-        waited = now - request.enqueued
-        metrics.QUEUE_SECONDS.observe(waited)
+    waits = [now - request.enqueued for request in batch]
+    for request, waited in zip(batch, waits):
         if waited <= timeout:
             live.append(request)
         else:
@@ -177,10 +177,15 @@ def run_batch(lit_api: Any, batch: list[Request], timeout: float) -> list[tuple[
         except Exception as exc:
             logger.exception("forward pass failed")
             results = [(r.uid, FAILED, f"inference failed: {type(exc).__name__}") for r in live]
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-        rows = sum(len(r.values) for r in live)
-        metrics.BATCH_ROWS.observe(rows)
-        metrics.ROWS.inc(rows)
+        elapsed = time.perf_counter() - started
         for request, result in zip(live, results):
             answers.setdefault(request.conn, []).append(result)
-    return [(conn, encode_replies(version, records)) for conn, records in answers.items()]
+    for conn, records in answers.items():
+        answer(conn, encode_replies(version, records))
+    for waited in waits:
+        metrics.QUEUE_SECONDS.observe(waited)
+    if live:
+        rows = sum(len(r.values) for r in live)
+        metrics.INFERENCE_SECONDS.observe(elapsed)
+        metrics.BATCH_ROWS.observe(rows)
+        metrics.ROWS.inc(rows)

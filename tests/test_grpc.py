@@ -32,6 +32,7 @@ from serve.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
 from serve.grpc_gen import health_pb2, health_pb2_grpc
 from serve.versions import file_version
 from tests.conftest import SHIPPED_WEIGHTS, ServerProcess, assert_matches, reference_outputs
+from tests.scrape import scrape, scrape_when, value
 
 VERSION = file_version(SHIPPED_WEIGHTS)
 RNG = np.random.default_rng(11)
@@ -159,11 +160,11 @@ def test_a_request_id_is_made_when_none_is_sent(stub: pb_grpc.GRPCInferenceServi
 
 def _with(**changes) -> pb.ModelInferRequest:
     request = infer_request(np.zeros((1, 10)))
-    for key, value in changes.items():
+    for key, change in changes.items():
         if key == "tensor":
-            value(request.inputs[0])
+            change(request.inputs[0])
         else:
-            value(request)
+            change(request)
     return request
 
 
@@ -336,7 +337,8 @@ def test_1000_rows_and_grpc_and_http_requests_share_one_forward_pass(batching_se
     with grpc.insecure_channel(server.grpc_target) as chan:
         typed = pb_grpc.GRPCInferenceServiceStub(chan).ModelInfer(infer_request(x, raw=False))
         assert_matches(outputs_of(typed)[:, 0], expected)
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = scrape(server.url)
+    rows_before = value(metrics, "simplenn_batch_size_rows_sum")
     with ThreadPoolExecutor(2) as pool:
         grpc_call = pool.submit(triton_infer, client, np.full((8, 10), 0.25, dtype=np.float32))
         time.sleep(0.05)
@@ -345,13 +347,9 @@ def test_1000_rows_and_grpc_and_http_requests_share_one_forward_pass(batching_se
         assert grpc_call.result()[0, 0] == http_call.result().json()["output"]
     client.close()
 
-    def sample(text: str, name: str) -> float:
-        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-    after = httpx.get(server.url + "/metrics").text
-    passes = sample(after, "simplenn_batch_size_rows_count") - sample(metrics, "simplenn_batch_size_rows_count")
-    rows = sample(after, "simplenn_batch_size_rows_sum") - sample(metrics, "simplenn_batch_size_rows_sum")
-    assert (passes, rows) == (1, 9)
+    after = scrape_when(server.url, lambda got: value(got, "simplenn_batch_size_rows_sum") >= rows_before + 9)
+    passes = value(after, "simplenn_batch_size_rows_count") - value(metrics, "simplenn_batch_size_rows_count")
+    assert (passes, value(after, "simplenn_batch_size_rows_sum") - rows_before) == (1, 9)
 
 
 def _timed(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest,

@@ -5,15 +5,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url + "/metrics", timeout=5).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from tests.scrape import scrape_when, value
 
 
 def test_exact_counts_after_known_traffic(start_server) -> None:
@@ -26,7 +18,7 @@ def test_exact_counts_after_known_traffic(start_server) -> None:
         for _ in range(2):
             assert http.post("/predict", json={"input": [1]}).status_code == 422
         assert http.post("/v1/models/simplenn:predict", json={"instances": [[0.3] * 10] * 5}).status_code == 200
-    samples = scrape(server.url)
+    samples = scrape_when(server.url, lambda got: value(got, "simplenn_queue_wait_seconds_count") == 11)
     assert value(samples, "simplenn_requests_total", route="/predict", code="200") == 10
     assert value(samples, "simplenn_requests_total", route="/predict", code="422") == 2
     assert value(samples, "simplenn_requests_total", route="/v1/models/{name}:predict", code="200") == 1

@@ -11,19 +11,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from serve.channel import ChannelClosed, accept
 from serve.transport import Layout, encode_replies, encode_request, parse_replies
 from serve.worker import ApiLinks
-
-
-def _sample(metrics_text: str, name: str) -> float:
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise KeyError(name)
+from tests.scrape import scrape, scrape_when, value
 
 
 def test_reply_frames_round_trip() -> None:
@@ -99,31 +91,31 @@ def test_a_lost_api_server_connection_is_made_again(linked) -> None:
 
 def test_a_v2_request_and_a_native_request_share_one_forward_pass(batching_server) -> None:
     server = batching_server
-    before = httpx.get(server.url + "/metrics").text
+    before = scrape(server.url)
+    rows_before = value(before, "simplenn_batch_size_rows_sum")
     v2 = {"inputs": [{"name": "input", "shape": [8, 10], "datatype": "FP32", "data": [0.25] * 80}]}
     with ThreadPoolExecutor(2) as pool:
         a = pool.submit(httpx.post, server.url + "/v2/models/simplenn/infer", json=v2, timeout=10)
         time.sleep(0.05)
         b = pool.submit(httpx.post, server.url + "/predict", json={"input": [0.25] * 10}, timeout=10)
         assert a.result().status_code == 200 and b.result().status_code == 200
-    after = httpx.get(server.url + "/metrics").text
-    batches = _sample(after, "simplenn_batch_size_rows_count") - _sample(before, "simplenn_batch_size_rows_count")
-    rows = _sample(after, "simplenn_batch_size_rows_sum") - _sample(before, "simplenn_batch_size_rows_sum")
-    assert (batches, rows) == (1, 9)
+    after = scrape_when(server.url, lambda got: value(got, "simplenn_batch_size_rows_sum") >= rows_before + 9)
+    batches = value(after, "simplenn_batch_size_rows_count") - value(before, "simplenn_batch_size_rows_count")
+    assert (batches, value(after, "simplenn_batch_size_rows_sum") - rows_before) == (1, 9)
     assert a.result().json()["outputs"][0]["data"][0] == b.result().json()["output"]
 
 
 def test_concurrent_requests_are_batched(batching_server) -> None:
     server = batching_server
-    before = httpx.get(server.url + "/metrics").text
+    before = scrape(server.url)
+    rows_before = value(before, "simplenn_batch_size_rows_sum")
     with ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(lambda _: httpx.post(server.url + "/predict", json={"input": [1.0] * 10},
                                                       timeout=10).status_code, range(64)))
     assert statuses == [200] * 64
-    after = httpx.get(server.url + "/metrics").text
-    batches = _sample(after, "simplenn_batch_size_rows_count") - _sample(before, "simplenn_batch_size_rows_count")
-    rows = _sample(after, "simplenn_batch_size_rows_sum") - _sample(before, "simplenn_batch_size_rows_sum")
-    assert rows == 64
+    after = scrape_when(server.url, lambda got: value(got, "simplenn_batch_size_rows_sum") >= rows_before + 64)
+    batches = value(after, "simplenn_batch_size_rows_count") - value(before, "simplenn_batch_size_rows_count")
+    assert value(after, "simplenn_batch_size_rows_sum") - rows_before == 64
     assert batches < 64 * 0.75, f"{batches} forward passes for 64 concurrent requests"
 
 
