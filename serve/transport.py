@@ -31,7 +31,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,12 +143,9 @@ class WorkerLink:
         self.pending[uid] = (future, rows, len(data))
         self.rows += rows
         self.bytes += len(data)
-        flush_later = len(self.conn.outbox) == 0
-        self.conn.outbox += data
-        if len(self.pending) == 1:  # an idle worker gets it now; a busy one gets a turn's frames in one write
-            self.flush()
-        elif flush_later:
+        if len(self.conn.outbox) == 0:  # frames queued during one event-loop turn leave in one write
             asyncio.get_running_loop().call_soon(self.flush)
+        self.conn.outbox += data
 
     def flush(self) -> None:
         try:
@@ -173,6 +170,15 @@ class WorkerLink:
         self.rows -= entry[1]
         self.bytes -= entry[2]
         return entry[0]
+
+    def fail(self) -> None:
+        """The worker is gone: every request it holds fails (503, safe to retry)."""
+        if self.pending:
+            logger.error("worker %d (pid %d) is gone; failing its %d requests", self.worker, self.pid,
+                         len(self.pending))
+        for future, _, _ in self.pending.values():
+            if not future.done():
+                future.set_exception(WorkerLost("the inference worker stopped; retry"))
 
     def kill(self, reason: str) -> None:
         """SIGKILL the worker (a hang); its EOF then fails its requests and the supervisor replaces it."""
@@ -213,6 +219,34 @@ class Watchdog:
             self._timer = asyncio.get_running_loop().call_later(next_check - now, self._check)
 
 
+class Parking:
+    """Requests that arrived while no worker was connected, in order, within the queue bound; the first
+    worker to connect takes them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: deque[tuple[int, asyncio.Future, np.ndarray]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def park(self, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
+        """Keep a request for the next worker; ``Overloaded`` when the parked bytes would pass the bound."""
+        if sum(v.nbytes for _, _, v in self.entries) + values.nbytes > self.max_bytes:
+            raise Overloaded("the request queue is full; retry shortly")
+        self.entries.append((uid, future, values))
+
+    def drop(self, uid: int) -> None:
+        """Forget a parked request (it timed out or was cancelled)."""
+        if self.entries:
+            self.entries = deque(entry for entry in self.entries if entry[0] != uid)
+
+    def take(self) -> Iterator[tuple[int, asyncio.Future, np.ndarray]]:
+        """The parked requests, oldest first, each removed as it is taken."""
+        while self.entries:
+            yield self.entries.popleft()
+
+
 class Dispatcher:
     """An API server's workers: which one takes a request, requests waiting for a worker, and the
     watchdog that kills a worker holding requests past the hang timeout."""
@@ -220,7 +254,7 @@ class Dispatcher:
     def __init__(self, max_queue_bytes: int, hang_timeout: float) -> None:
         self.max_queue_bytes = max_queue_bytes
         self.links: dict[Connection, WorkerLink] = {}
-        self.parked: deque[tuple[int, asyncio.Future, np.ndarray]] = deque()  # waiting for a worker
+        self.parked = Parking(max_queue_bytes)
         self.no_worker_since = time.monotonic()
         self.watchdog = Watchdog(hang_timeout, self.links.values)
         self._turn = 0
@@ -232,10 +266,8 @@ class Dispatcher:
         link = self._choose()
         if link is not None:
             self._send(link, uid, future, values)
-        elif sum(v.nbytes for _, _, v in self.parked) + values.nbytes > self.max_queue_bytes:
-            raise Overloaded("the request queue is full; retry shortly")
         else:
-            self.parked.append((uid, future, values))
+            self.parked.park(uid, future, values)
         return link
 
     def alone(self, link: WorkerLink) -> bool:
@@ -248,8 +280,7 @@ class Dispatcher:
         for link in self.links.values():
             if uid in link.pending:
                 link.settle(uid)
-        if self.parked:
-            self.parked = deque(entry for entry in self.parked if entry[0] != uid)
+        self.parked.drop(uid)
 
     def _choose(self) -> WorkerLink | None:
         """The live worker with the fewest rows in flight; ties take turns, so that every worker gets
@@ -271,8 +302,7 @@ class Dispatcher:
     def connected(self, link: WorkerLink) -> None:
         """A worker connected: it takes the parked requests."""
         self.links[link.conn] = link
-        while self.parked:
-            uid, future, values = self.parked.popleft()
+        for uid, future, values in self.parked.take():
             if not future.done():
                 try:
                     self._send(link, uid, future, values)
@@ -286,12 +316,7 @@ class Dispatcher:
             return
         if not self.links:
             self.no_worker_since = time.monotonic()
-        if link.pending:
-            logger.error("worker %d (pid %d) is gone; failing its %d requests", link.worker, link.pid,
-                         len(link.pending))
-        for future, _, _ in link.pending.values():
-            if not future.done():
-                future.set_exception(WorkerLost("the inference worker stopped; retry"))
+        link.fail()
 
     def can_serve(self) -> bool:
         """A worker is connected and not being killed for a hang."""
@@ -304,6 +329,68 @@ class Dispatcher:
         if not self.links:
             return now - self.no_worker_since
         return max((now - link.stalled_since for link in self.links.values() if link.pending), default=0.0)
+
+
+class WorkerReader:
+    """An API server's reading side of its workers' connections: accepts a worker, reads its hello and
+    its answers (each settles the waiting request's future), and turns its EOF into the loss of exactly
+    its requests. :meth:`poll` reads one connection briefly outside the event loop (a :class:`Spin`)."""
+
+    def __init__(self, workers: Dispatcher, spin: Spin) -> None:
+        self.workers, self.spin = workers, spin
+
+    def accept(self, listener: socket.socket) -> None:
+        """Event-loop callback: a worker connects; read it from now on."""
+        conn = accept(listener)
+        if conn is not None:
+            asyncio.get_running_loop().add_reader(conn.fileno(), self.readable, conn)
+
+    def readable(self, conn: Connection) -> None:
+        """Event-loop callback: a worker's hello, its answers, or its EOF."""
+        try:
+            bodies = conn.frames()
+        except ChannelClosed:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(conn.fileno())
+            loop.remove_writer(conn.fileno())
+            conn.close()
+            self.workers.lost(conn)
+            return
+        for body in bodies:
+            link = self.workers.links.get(conn)
+            if link is None:  # the first frame is the worker's hello
+                self.workers.connected(WorkerLink(conn, int(orjson.loads(body)["worker"]), conn.peer_pid()))
+            else:
+                deliver(link, body)
+
+    def poll(self, link: WorkerLink) -> None:
+        """Send the only request in flight now (not at the end of the event loop's turn) and poll ``link``
+        briefly for its answer, before the event loop sleeps (:class:`serve.cpu.Spin`): a process that
+        sleeps while a core idles pays for its wake-up."""
+        link.flush()
+
+        def answers() -> list[bytes] | None:
+            try:
+                return link.conn.frames()
+            except ChannelClosed:
+                return None  # the event loop's reader sees the EOF too, and fails the requests
+
+        for body in self.spin.until(answers) or ():
+            deliver(link, body)
+
+
+def deliver(link: WorkerLink, body: bytes) -> None:
+    """Settle the futures of the requests one reply frame answers."""
+    link.stalled_since = time.monotonic()
+    version, records = parse_replies(body)
+    for uid, status, payload in records:
+        future = link.settle(uid)
+        if future is None or future.done():
+            continue
+        if status == OK:
+            future.set_result(Prediction(payload, version))
+        else:
+            future.set_exception(_ERRORS.get(status, InferenceError)(payload))
 
 
 class Transport(MessageTransport):
@@ -319,94 +406,44 @@ class Transport(MessageTransport):
         self.request_timeout = request_timeout
         self.workers = Dispatcher(max_queue_bytes, hang_timeout)
         self.spin_s = spin_s
-        self.spin: Spin | None = None  # made by the API server that serves (it holds a file descriptor)
+        self.reader: WorkerReader | None = None  # made by the API server that serves (its spin holds a descriptor)
         self.client_connections: Callable[[], int] = lambda: 1  # the adapter counts uvicorn's connections
         self._uids = itertools.count(1)
-        self._started = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "workers": None, "_uids": None, "spin": None, "client_connections": None}
+        return {**self.__dict__, "workers": None, "_uids": None, "reader": None, "client_connections": None}
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> None:
         """Start serving as API server ``consumer_id`` (first call), then park: answers arrive by callbacks."""
-        if not self._started:
-            self._started = True
+        if self.reader is None:
+            self.reader = WorkerReader(self.workers, Spin(self.spin_s))
             listener = self.layout.listeners[int(consumer_id or 0)]
             for other in self.layout.listeners:
                 if other is not listener:
                     other.close()
             self._uids = itertools.count(1)
-            self.spin = Spin(self.spin_s)
             self.workers.no_worker_since = time.monotonic()
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+            asyncio.get_running_loop().add_reader(listener.fileno(), self.reader.accept, listener)
         await asyncio.Event().wait()
 
-    def _accept(self, listener: socket.socket) -> None:
-        conn = accept(listener)
-        if conn is not None:
-            asyncio.get_running_loop().add_reader(conn.fileno(), self._readable, conn)
-
-    def _readable(self, conn: Connection) -> None:
-        try:
-            bodies = conn.frames()
-        except ChannelClosed:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(conn.fileno())
-            loop.remove_writer(conn.fileno())
-            conn.close()
-            self.workers.lost(conn)
-            return
-        for body in bodies:
-            link = self.workers.links.get(conn)
-            if link is None:  # the first frame is the worker's hello
-                self.workers.connected(WorkerLink(conn, int(orjson.loads(body)["worker"]), conn.peer_pid()))
-            else:
-                self._deliver(link, body)
-
-    @staticmethod
-    def _deliver(link: WorkerLink, body: bytes) -> None:
-        link.stalled_since = time.monotonic()
-        version, records = parse_replies(body)
-        for uid, status, payload in records:
-            future = link.settle(uid)
-            if future is None or future.done():
-                continue
-            if status == OK:
-                future.set_result(Prediction(payload, version))
-            else:
-                future.set_exception(_ERRORS.get(status, InferenceError)(payload))
-
     async def infer(self, values: np.ndarray) -> Prediction:
-        """Send validated rows to a worker and wait for its answer (503 if it dies, 504 past the timeout)."""
+        """Send validated rows to a worker and wait for its answer (503 if it dies, 504 past the timeout).
+        The only request in flight, for the only client, is polled for briefly before the loop sleeps."""
         loop = asyncio.get_running_loop()
         uid = next(self._uids)  # type: ignore[arg-type]
         future = loop.create_future()
         timer = loop.call_later(self.request_timeout, _expire, future, f"no answer within {self.request_timeout:g} s")
         try:
             link = self.workers.submit(uid, future, np.ascontiguousarray(values, dtype=np.float32))
-            if link is not None and self.spin is not None and self.workers.alone(link) \
+            if link is not None and self.reader is not None and self.workers.alone(link) \
                     and self.client_connections() <= 1:  # another client's request may be arriving
-                self._poll_answer(link)
+                self.reader.poll(link)
             return await future
         except BaseException:  # timed out, cancelled or refused: drop what a worker or the parking still holds
             self.workers.forget(uid)
             raise
         finally:
             timer.cancel()
-
-    def _poll_answer(self, link: WorkerLink) -> None:
-        """Poll ``link`` briefly for the answer to the only request in flight, before the event loop sleeps
-        (:class:`serve.cpu.Spin`): a process that sleeps while a core idles pays for its wake-up."""
-        assert self.spin is not None
-
-        def answers() -> list[bytes] | None:
-            try:
-                return link.conn.frames()
-            except ChannelClosed:
-                return None  # the event loop's reader sees the EOF too, and fails the requests
-
-        for body in self.spin.until(answers) or ():
-            self._deliver(link, body)
 
     def send(self, item: Any, consumer_id: int) -> None:
         """Unused: workers answer over their own connections."""

@@ -2,7 +2,7 @@
 batching loop that LitServe runs in the worker (our ``LitLoop``).
 
 The loop blocks (``selectors``) until requests arrive from any API server (after an answer it first
-polls for up to ``SIMPLENN_WORKER_SPIN_US`` while a core would otherwise idle, :mod:`serve.cpu`), takes every
+polls for up to ``SIMPLENN_WORKER_SPIN_US`` while the cores are not all wanted, :mod:`serve.cpu`), takes every
 request that has arrived (up to ``max_batch_size`` rows; a request that would overflow waits for the
 next batch, a single oversized request runs alone), optionally lingers ``batch_timeout`` for more,
 runs one forward pass on one model snapshot, and answers each API server once per batch. A lost API
@@ -76,7 +76,7 @@ class ApiLinks:
 
     def wait(self, timeout: float | None, spin: bool = False) -> bool:
         """Wait up to ``timeout`` (None: until something happens) for requests (or writability); True if
-        requests arrived. With ``spin``, first poll briefly if a core would otherwise idle (:class:`Spin`).
+        requests arrived. With ``spin``, first poll briefly if there is room to spin (:class:`Spin`).
         While an API server's connection is missing, retry it every 0.2 s."""
         missing = [i for i, conn in self.conns.items() if conn is None]
         for index in missing:
@@ -101,21 +101,6 @@ class ApiLinks:
                     self._drop(index)
         return len(self.ready) > before
 
-    def take_batch(self, max_rows: int, linger: float, wait: float | None = None) -> list[Request]:
-        """Block up to ``wait`` (None: as long as it takes) for a first request, then take what has arrived, up to ``max_rows`` rows."""
-        if not self.ready and not self.wait(wait, spin=self.last_batch == 1):
-            return []
-        batch: list[Request] = []
-        rows, deadline = 0, time.monotonic() + linger
-        while True:
-            while self.ready and (not batch or rows + len(self.ready[0].values) <= max_rows):
-                request = self.ready.popleft()
-                batch.append(request)
-                rows += len(request.values)
-            if self.ready or rows >= max_rows or not self.wait(max(0.0, deadline - time.monotonic())):
-                self.last_batch = len(batch)
-                return batch
-
     def answer(self, conn: Connection, data: bytes) -> None:
         """Send one reply frame on ``conn`` if it is still this worker's connection to its API server."""
         index = next((i for i, c in self.conns.items() if c is conn), None)
@@ -139,6 +124,24 @@ class ApiLinks:
             self.selector.modify(conn.sock, selectors.EVENT_READ, index)
 
 
+def take_batch(links: ApiLinks, max_rows: int, linger: float, wait: float | None = None) -> list[Request]:
+    """The batching rule: block up to ``wait`` (None: as long as it takes) for a first request, then take
+    what has arrived, up to ``max_rows`` rows, lingering up to ``linger`` for more. After a batch of one
+    request the next wait starts with a brief spin (:class:`serve.cpu.Spin`); after several, never."""
+    if not links.ready and not links.wait(wait, spin=links.last_batch == 1):
+        return []
+    batch: list[Request] = []
+    rows, deadline = 0, time.monotonic() + linger
+    while True:
+        while links.ready and (not batch or rows + len(links.ready[0].values) <= max_rows):
+            request = links.ready.popleft()
+            batch.append(request)
+            rows += len(request.values)
+        if links.ready or rows >= max_rows or not links.wait(max(0.0, deadline - time.monotonic())):
+            links.last_batch = len(batch)
+            return batch
+
+
 class BatchingLoop(LitLoop):
     """The inference worker's loop: take a batch, one forward pass, answer each API server once."""
 
@@ -146,7 +149,7 @@ class BatchingLoop(LitLoop):
                  workers_setup_status: Any, callback_runner: Any) -> None:
         links = ApiLinks(transport.layout, worker_id, lit_api.settings.worker_spin_us / 1e6)
         while True:
-            batch = links.take_batch(lit_api.max_batch_size, lit_api.batch_timeout)
+            batch = take_batch(links, lit_api.max_batch_size, lit_api.batch_timeout)
             if batch:
                 run_batch(lit_api, batch, transport.request_timeout, links.answer)
 

@@ -14,7 +14,7 @@ import pytest
 
 from serve.channel import ChannelClosed, accept
 from serve.transport import Layout, encode_replies, encode_request, parse_replies
-from serve.worker import ApiLinks
+from serve.worker import ApiLinks, take_batch
 from tests.scrape import scrape, scrape_when, value
 
 
@@ -59,18 +59,18 @@ def test_take_batch_respects_max_rows_and_keeps_the_rest(linked) -> None:
     for uid, rows in enumerate([3, 3, 3]):
         conn.send(encode_request(uid, time.monotonic(), np.full((rows, 2), uid, dtype=np.float32)))
     time.sleep(0.05)
-    first = links.take_batch(max_rows=6, linger=0)
+    first = take_batch(links, max_rows=6, linger=0)
     assert [r.uid for r in first] == [0, 1]
-    second = links.take_batch(max_rows=6, linger=0)
+    second = take_batch(links, max_rows=6, linger=0)
     assert [r.uid for r in second] == [2] and second[0].values.shape == (3, 2)
-    assert links.take_batch(max_rows=6, linger=0, wait=0.05) == []
+    assert take_batch(links, max_rows=6, linger=0, wait=0.05) == []
 
 
 def test_an_oversized_request_runs_alone_and_answers_go_back_on_its_connection(linked) -> None:
     links, conn = linked
     _frames(conn)
     conn.send(encode_request(1, time.monotonic(), np.ones((10, 2), dtype=np.float32)))
-    batch = links.take_batch(max_rows=4, linger=0)
+    batch = take_batch(links, max_rows=4, linger=0)
     assert [(r.uid, len(r.values)) for r in batch] == [(1, 10)]
     links.answer(batch[0].conn, encode_replies("v1", [(1, 0, np.zeros((10, 1), dtype=np.float32))]))
     (body,) = _frames(conn)
@@ -81,7 +81,7 @@ def test_a_lost_api_server_connection_is_made_again(linked) -> None:
     links, conn = linked
     _frames(conn)
     conn.close()  # the API server died
-    assert links.take_batch(max_rows=4, linger=0, wait=0.2) == []  # notices EOF, reconnects
+    assert take_batch(links, max_rows=4, linger=0, wait=0.2) == []  # notices EOF, reconnects
     again = accept(links.layout.listeners[0])
     assert again is not None, "the worker did not reconnect"
     assert _frames(again) == [b'{"worker":3}']
@@ -159,7 +159,7 @@ def test_a_spinning_worker_takes_requests_that_come_during_and_after_its_spin(tm
         for delay in (0.01, 0.2):  # within the 50 ms spin, then long after it
             request = encode_request(7, time.monotonic(), np.ones((1, 4), np.float32))
             threading.Timer(delay, conn.send, args=(request,)).start()
-            batch = links.take_batch(max_rows=16, linger=0.0)  # no wait limit: spin, then block
+            batch = take_batch(links, max_rows=16, linger=0.0)  # no wait limit: spin, then block
             assert [r.uid for r in batch] == [7] and batch[0].values.shape == (1, 4)
     finally:
         conn.close()
