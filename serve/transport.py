@@ -15,7 +15,8 @@ API server once it serves a model. Why this and not a shared pipe or ``SOCK_SEQP
 
 What stays fast: requests are binary float32 frames (no pickling), frames queued during one event-loop
 turn leave in one write per worker, a worker answers every request of a batch from one API server in
-one frame, nobody busy-waits, and batches grow by themselves under load (workers take whatever has
+one frame, nobody busy-waits (only a brief spin, gated by :mod:`serve.cpu`, where one request
+at a time is in flight), and batches grow by themselves under load (workers take whatever has
 arrived). A request goes to the connected worker with the fewest rows in flight; with none connected
 it waits (up to the request timeout) for one to connect. The queue bound is per API server and worker.
 """
