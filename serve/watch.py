@@ -184,6 +184,12 @@ class _WakePipe:
         except BlockingIOError:
             pass
 
+    def wait(self, timeout: float) -> None:
+        """Block up to `timeout` seconds, or until poked (a poke stays readable until :meth:`drain`)."""
+        poller = select.poll()
+        poller.register(self._read, select.POLLIN)
+        poller.poll(timeout * 1000)
+
     def close(self) -> None:
         """Close both ends; only once nobody waits on :meth:`fileno` any more. Idempotent."""
         with self._lock:
@@ -191,6 +197,30 @@ class _WakePipe:
                 if fd >= 0:
                     os.close(fd)
             self._read = self._write = -1
+
+
+def _watching(targets: tuple[WatchTarget, ...], warn: Callable[[str], None]) -> DirectoryEvents:
+    """A new inotify instance watching `targets`; a directory that cannot be watched is left to the poll, and
+    `warn` is told why."""
+    events = DirectoryEvents()
+    for target in targets:
+        try:
+            events.add(target.path)
+        except OSError as exc:  # e.g. permission denied, max_user_watches: that directory is polled only
+            warn(f"cannot watch {target.path} for events ({exc.strerror}); relying on polling")
+    return events
+
+
+def _wait_for_events(events: DirectoryEvents, wake: _WakePipe) -> bool:
+    """Block (no timeout) until events are queued or `wake` is poked (a poke is drained); True if events were
+    read (every queued one)."""
+    poller = select.poll()
+    poller.register(events.fileno(), select.POLLIN)
+    poller.register(wake.fileno(), select.POLLIN)
+    ready = {fd for fd, _ in poller.poll()}
+    if wake.fileno() in ready:
+        wake.drain()
+    return events.fileno() in ready and bool(events.drain())
 
 
 class DirectoryWatcher:
@@ -250,12 +280,7 @@ class DirectoryWatcher:
 
     def _arm(self, targets: tuple[WatchTarget, ...], old: DirectoryEvents | None) -> DirectoryEvents:
         """A new inotify instance watching `targets`; the old one is closed and a re-arm is reported."""
-        events = DirectoryEvents()
-        for target in targets:
-            try:
-                events.add(target.path)
-            except OSError as exc:  # e.g. permission denied, max_user_watches: that directory is polled only
-                self._warn_once(f"cannot watch {target.path} for events ({exc.strerror}); relying on polling")
+        events = _watching(targets, self._warn_once)
         self._armed_targets = targets
         if old is not None:
             old.close()
@@ -265,17 +290,9 @@ class DirectoryWatcher:
 
     def _wait(self, events: DirectoryEvents) -> None:
         """Block (no timeout) until events are queued or the pipe is poked; report a batch of events."""
-        poller = select.poll()
-        poller.register(events.fileno(), select.POLLIN)
-        poller.register(self._wake.fileno(), select.POLLIN)
-        ready = {fd for fd, _ in poller.poll()}
-        if self._wake.fileno() in ready:
-            self._wake.drain()
-        if events.fileno() in ready and events.drain() and not self._closing:
+        if _wait_for_events(events, self._wake) and not self._closing:
             self._on_event()
-            gap = select.poll()  # merge a burst into the next batch; a poke (close) ends the gap
-            gap.register(self._wake.fileno(), select.POLLIN)
-            gap.poll(_BATCH_GAP_S * 1000)
+            self._wake.wait(_BATCH_GAP_S)  # merge a burst into the next batch; a poke (close) ends the gap
 
     def _warn_once(self, message: str) -> None:
         (logger.debug if message in self._warned else logger.warning)("%s", message)
