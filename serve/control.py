@@ -75,29 +75,20 @@ class Handler(Protocol):
     def on_closed(self, peer: Peer) -> None: ...
 
 
-class Hub:
-    """The supervisor's control loop: accepts children, reads their messages, runs timers and calls."""
+class Schedule:
+    """What a loop thread runs besides its I/O: calls queued from any thread, each of which wakes the loop (the
+    loop watches :attr:`wake_r`), and timers set on the loop's thread, earliest first."""
 
-    def __init__(self, path: Path, handler: Handler) -> None:
-        self.listener = listen(path)
-        self.handler = handler
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self.listener, selectors.EVENT_READ, None)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+    def __init__(self) -> None:
+        self.wake_r, self._wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
         self._calls: list[Callable[[], None]] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="control-hub", daemon=True)
-        os.register_at_fork(after_in_child=self._close_in_child)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the hub's thread (thread-safe)."""
+        """Queue ``fn`` and wake the loop (thread-safe)."""
         with self._lock:
             self._calls.append(fn)
         try:
@@ -106,23 +97,66 @@ class Hub:
             pass
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the hub's thread after ``delay`` seconds (call from the hub's thread)."""
+        """Have ``fn`` run ``delay`` seconds from now (call from the loop's thread)."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._order), fn))
+
+    def timeout(self) -> float | None:
+        """How long the loop may block: until the next timer is due (None: there is no timer)."""
+        return max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
+
+    def woken(self) -> None:
+        """The loop woke for queued calls: read the wake-up bytes (they are run by :meth:`run_due`)."""
+        self.wake_r.recv(4096)
+
+    def run_due(self, run: Callable[[Callable[[], None]], None]) -> None:
+        """Pass every timer that is due to ``run`` (one that a timer sets and is due already too), then every
+        queued call."""
+        while self._timers and self._timers[0][0] <= time.monotonic():
+            run(heapq.heappop(self._timers)[2])
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for call in calls:
+            run(call)
+
+    def close(self) -> None:
+        """Close both ends of the wake-up pair."""
+        self.wake_r.close()
+        self._wake_w.close()
+
+
+class Hub:
+    """The supervisor's control loop: accepts children, reads their messages, runs timers and calls (its
+    :class:`Schedule`)."""
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.listener = listen(path)
+        self.handler = handler
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.listener, selectors.EVENT_READ, None)
+        self._schedule = Schedule()
+        self._selector.register(self._schedule.wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="control-hub", daemon=True)
+        os.register_at_fork(after_in_child=self._close_in_child)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the hub's thread (thread-safe)."""
+        self._schedule.call_soon(fn)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the hub's thread after ``delay`` seconds (call from the hub's thread)."""
+        self._schedule.call_later(delay, fn)
 
     def _run(self) -> None:
         while True:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
-            for key, _ in self._selector.select(timeout):
+            for key, _ in self._selector.select(self._schedule.timeout()):
                 try:
                     self._ready(key)
                 except Exception:
                     logger.exception("control hub")
-            while self._timers and self._timers[0][0] <= time.monotonic():
-                self._guarded(heapq.heappop(self._timers)[2])
-            with self._lock:
-                calls, self._calls = self._calls, []
-            for call in calls:
-                self._guarded(call)
+            self._schedule.run_due(self._guarded)
 
     @staticmethod
     def _guarded(fn: Callable[[], None]) -> None:
@@ -132,8 +166,8 @@ class Hub:
             logger.exception("control hub")
 
     def _ready(self, key: selectors.SelectorKey) -> None:
-        if key.fileobj is self._wake_r:
-            self._wake_r.recv(4096)
+        if key.fileobj is self._schedule.wake_r:
+            self._schedule.woken()
         elif key.fileobj is self.listener:
             conn = accept(self.listener)
             if conn is not None:
@@ -164,7 +198,7 @@ class Hub:
                 key.fileobj.close()  # type: ignore[union-attr]
             except OSError:
                 pass
-        self._wake_w.close()
+        self._schedule.close()
 
 
 class ControlClient:
