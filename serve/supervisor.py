@@ -70,6 +70,47 @@ class Children:
                 self.started_at[index] = time.monotonic()
 
 
+class ChildWatch:
+    """The main thread's watch over every group of children: it waits on their processes' sentinels, tells a
+    group which of its children died and starts the replacements that are due, until :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self.groups: list[Children] = []
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def run(self) -> None:
+        """Watch (event-driven: sentinels, the next replacement's due time, a stop) until :meth:`stop`."""
+        while not self._stopping.is_set():
+            watched = {group.processes[i].sentinel: (group, i) for group in self.groups for i in group.indexes()
+                       if i not in group.due}
+            due = [when for group in self.groups for when in group.due.values()]
+            delay = max(0.0, min(due) - time.monotonic()) if due else None
+            for ready in connection.wait([*watched, self._wake_r], delay):
+                if ready is self._wake_r:
+                    self._wake_r.recv(4096)
+                elif not self._stopping.is_set():
+                    group, index = watched[ready]
+                    group.died(index)
+            if not self._stopping.is_set():
+                for group in self.groups:
+                    group.replace_due()
+
+    def stop(self) -> None:
+        """End :meth:`run` at once (any thread); no child is replaced from then on."""
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopping.is_set()
+
+
 class Supervisor:
     """Control plane and process supervision of one server (LitServe's ``_shutdown_event`` slot)."""
 
@@ -79,11 +120,7 @@ class Supervisor:
                                       settings.workers, settings.worker_start_timeout_s)
         self.hub: Hub | None = None
         self.draining = False
-        self.groups: list[Children] = []
-        self._stopping = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self.children = ChildWatch()
 
     def start_control(self) -> None:
         """Before any child starts: list the weights (``StartupError`` if none), open the channels."""
@@ -119,36 +156,20 @@ class Supervisor:
         group = Children(kind, start, processes, lambda process: process.pid in self.manager.fleet.served_pids)
         now = time.monotonic()
         group.started_at = {i: now for i in group.indexes()}
-        self.groups.append(group)
+        self.children.groups.append(group)
 
     # -- LitServe's `_shutdown_event` interface: the main thread supervises inside wait() ----------
     def wait(self, timeout: float | None = None) -> bool:
-        while not self._stopping.is_set():
-            watched = {group.processes[i].sentinel: (group, i) for group in self.groups for i in group.indexes()
-                       if i not in group.due}
-            due = [when for group in self.groups for when in group.due.values()]
-            delay = max(0.0, min(due) - time.monotonic()) if due else None
-            for ready in connection.wait([*watched, self._wake_r], delay):
-                if ready is self._wake_r:
-                    self._wake_r.recv(4096)
-                elif not self._stopping.is_set():
-                    group, index = watched[ready]
-                    group.died(index)
-            if not self._stopping.is_set():
-                for group in self.groups:
-                    group.replace_due()
+        """Supervise the children until :meth:`set` (LitServe's main thread waits here, with no ``timeout``)."""
+        self.children.run()
         return True
 
     def set(self) -> None:
         """Stop supervising; LitServe then shuts every child down."""
-        self._stopping.set()
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+        self.children.stop()
 
     def is_set(self) -> bool:
-        return self._stopping.is_set()
+        return self.children.stopped()
 
     def rescan(self) -> None:
         """Re-scan the weights (SIGHUP)."""
