@@ -163,7 +163,8 @@ class V1Protocol:
 class V2Protocol:
     """The Open Inference Protocol (V2) REST API, with the binary tensor data extension for inputs
     and outputs. The model takes one tensor ``input`` [-1, in_features] and returns ``output`` [-1, k].
-    FP64, FP16 and integer inputs are converted to FP32; BOOL and BYTES are refused with 400."""
+    FP64, FP16 and integer inputs are converted to FP32; BOOL and BYTES are refused with 400. The body's rows:
+    :func:`v2_request_rows`; the answer: :func:`v2_response`."""
 
     def __init__(self, context: ServingContext) -> None:
         self.context = context
@@ -198,42 +199,9 @@ class V2Protocol:
                 raise BadInput(f"{_BINARY_HEADER} must be the JSON header's length in bytes")
             json_part, binary = body[: int(header_length)], body[int(header_length):]
         infer_request: V2InferRequest = parse(V2InferRequest, json_part, BadInput)
-        values = self._input_rows(infer_request, binary)
+        values = v2_request_rows(self.context.schema, infer_request, binary)
         prediction = await self.context.infer(values, BadInput)
-        return self._encode(infer_request, prediction)
-
-    def _input_rows(self, infer_request: V2InferRequest, binary: bytes) -> np.ndarray:
-        check_v2_names([tensor.name for tensor in infer_request.inputs],
-                       [output.name for output in infer_request.outputs or []])
-        tensor = infer_request.inputs[0]
-        binary_size = (tensor.parameters or {}).get("binary_data_size")
-        if binary_size is not None:
-            if tensor.data is not None or not isinstance(binary_size, int) or binary_size != len(binary):
-                raise BadInput("inputs[0]: binary_data_size must equal the binary part's length, with no 'data'")
-            return v2_rows(self.context.schema, tensor.datatype, tensor.shape, raw=binary)
-        if tensor.data is None:
-            v2_dtype(tensor.datatype)  # an unsupported type is the first thing to say
-            raise BadInput("inputs[0] needs 'data' (or the binary data extension)")
-        return v2_rows(self.context.schema, tensor.datatype, tensor.shape, data=tensor.data)
-
-    def _encode(self, infer_request: V2InferRequest, prediction: Prediction) -> Response:
-        outputs = prediction.outputs
-        requested = {o.name: o for o in infer_request.outputs or []}  # names checked in _input_rows
-        wants_binary = bool(((requested.get(V2_OUTPUT) and requested[V2_OUTPUT].parameters) or {})
-                            .get("binary_data", (infer_request.parameters or {}).get("binary_data_output", False)))
-        tensor: dict[str, Any] = {"name": V2_OUTPUT, "datatype": "FP32", "shape": list(outputs.shape)}
-        raw = b""
-        if wants_binary:
-            raw = np.ascontiguousarray(outputs, dtype="<f4").tobytes()
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-        else:
-            tensor["data"] = outputs.reshape(-1)
-        header = orjson.dumps({"model_name": self.context.model_name, "model_version": prediction.version,
-                               "id": infer_request.id, "outputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
-        if not wants_binary:
-            return Response(header, 200, {VERSION_HEADER: prediction.version}, media_type="application/json")
-        return Response(header + raw, 200, {VERSION_HEADER: prediction.version, _BINARY_HEADER: str(len(header))},
-                        media_type="application/octet-stream")
+        return v2_response(self.context.model_name, infer_request, prediction)
 
     def register(self, app: FastAPI) -> None:
         add_route(app, "/v2", self.server_metadata, _operation("open-inference-v2", "Server metadata"), "get")
@@ -248,6 +216,46 @@ class V2Protocol:
             add_route(app, prefix + "/infer", self.infer, _operation(
                 "open-inference-v2", "Infer: one FP32 tensor 'input' [N, features] -> 'output' [N, 1]",
                 V2InferRequest, V2InferResponse, status_codes=(400, 404, 413, 503, 504)))
+
+
+def v2_request_rows(schema: RowSchema, infer_request: V2InferRequest, binary: bytes) -> np.ndarray:
+    """The validated rows of a V2 REST infer request: its one tensor ``input``, from its JSON ``data`` or from
+    the ``binary`` part after the JSON header (the binary data extension). ``BadInput`` names the problem."""
+    check_v2_names([tensor.name for tensor in infer_request.inputs],
+                   [output.name for output in infer_request.outputs or []])
+    tensor = infer_request.inputs[0]
+    binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is not None:
+        if tensor.data is not None or not isinstance(binary_size, int) or binary_size != len(binary):
+            raise BadInput("inputs[0]: binary_data_size must equal the binary part's length, with no 'data'")
+        return v2_rows(schema, tensor.datatype, tensor.shape, raw=binary)
+    if tensor.data is None:
+        v2_dtype(tensor.datatype)  # an unsupported type is the first thing to say
+        raise BadInput("inputs[0] needs 'data' (or the binary data extension)")
+    return v2_rows(schema, tensor.datatype, tensor.shape, data=tensor.data)
+
+
+def v2_response(model_name: str, infer_request: V2InferRequest, prediction: Prediction) -> Response:
+    """The V2 REST answer to ``infer_request`` (its names already checked by :func:`v2_request_rows`): the FP32
+    tensor ``output`` as JSON ``data``, or as little-endian bytes after the JSON header when the request asks
+    for binary output (``binary_data`` of ``output``, else the request's ``binary_data_output``)."""
+    outputs = prediction.outputs
+    requested = {o.name: o for o in infer_request.outputs or []}
+    wants_binary = bool(((requested.get(V2_OUTPUT) and requested[V2_OUTPUT].parameters) or {})
+                        .get("binary_data", (infer_request.parameters or {}).get("binary_data_output", False)))
+    tensor: dict[str, Any] = {"name": V2_OUTPUT, "datatype": "FP32", "shape": list(outputs.shape)}
+    raw = b""
+    if wants_binary:
+        raw = np.ascontiguousarray(outputs, dtype="<f4").tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        tensor["data"] = outputs.reshape(-1)
+    header = orjson.dumps({"model_name": model_name, "model_version": prediction.version,
+                           "id": infer_request.id, "outputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not wants_binary:
+        return Response(header, 200, {VERSION_HEADER: prediction.version}, media_type="application/json")
+    return Response(header + raw, 200, {VERSION_HEADER: prediction.version, _BINARY_HEADER: str(len(header))},
+                    media_type="application/octet-stream")
 
 
 def v2_dtype(datatype: str) -> np.dtype:
