@@ -104,6 +104,18 @@ class SettleTracker:
             self._warned = problems.warned
             return observation
 
+    def settled(self) -> list[Candidate]:
+        """Scan until nothing found is settling (or the settle timeout passed): the settled candidates, best
+        first; WeightsNotFoundError naming the location if there are none."""
+        while True:
+            observation = self.observe()
+            ready = observation.ready()
+            if ready:
+                return ready
+            if ready is not None:
+                raise WeightsNotFoundError(observation.not_found_message(self._location))
+            time.sleep(observation.settles_in)
+
     def _track(self, found: list[Candidate], problems: Problems) -> Observation:
         """Update the first sightings with one scan's candidates; warn when settling takes too long."""
         now = time.monotonic()
@@ -138,6 +150,47 @@ def start_watcher(location: Path, on_event: Callable[[], None]) -> DirectoryWatc
     return watcher
 
 
+class Wakeups:
+    """What ends a waiting source's sleep before the next poll: a batch of filesystem events (from a watcher
+    thread, when events are used), :meth:`set` (the source's interrupt) and :meth:`close`."""
+
+    def __init__(self, location: Path, use_events: bool) -> None:
+        self._location = location
+        self._closed = threading.Event()
+        self._wakeup = threading.Event()  # set by events, set() and close()
+        self.watcher = start_watcher(location, self._wakeup.set) if use_events else None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed.is_set()
+
+    def set(self) -> None:
+        """End the current sleep, or the next one, now."""
+        self._wakeup.set()
+
+    def clear(self) -> None:
+        """Forget the wake-ups so far: only those from now on end the next sleep."""
+        self._wakeup.clear()
+
+    def recheck(self) -> None:
+        """Have the watcher re-arm soon if the directories to watch moved without an event (no watcher: nothing)."""
+        if self.watcher is not None:
+            self.watcher.check()
+
+    def sleep(self, timeout: float, stop: threading.Event) -> None:
+        """Block for up to `timeout`, ended early by a wake-up; not at all once `stop` is set or after close()."""
+        if not (stop.is_set() or self._closed.is_set()):
+            self._wakeup.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the watcher thread (joins it, up to 2 s) and end every sleep. Idempotent."""
+        self._closed.set()
+        self._wakeup.set()
+        if self.watcher is not None and not self.watcher.close(_CLOSE_JOIN_S):
+            logger.warning("weights watcher thread for %s did not stop within %.0f s", self._location, _CLOSE_JOIN_S)
+
+
 def _fingerprints(candidates: Sequence[Candidate]) -> list[tuple]:
     return [c.fingerprint for c in candidates]
 
@@ -158,9 +211,7 @@ class WeightsSource:
         self._location = Path(os.path.abspath(os.fspath(location)))  # symlinks stay unresolved: they move
         self._poll_interval = float(poll_interval)
         self._settle = SettleTracker(self._location, float(debounce))
-        self._closed = threading.Event()
-        self._wakeup = threading.Event()  # set by events, interrupt() and close(): the wait looks again
-        self._watcher = start_watcher(self._location, self._wakeup.set) if use_events else None
+        self._wakeups = Wakeups(self._location, use_events)  # events, interrupt() and close(): the wait looks again
 
     @property
     def location(self) -> Path:
@@ -178,14 +229,7 @@ class WeightsSource:
         WeightsNotFoundError naming the location if nothing is servable, or if everything found is
         still changing after the settle timeout.
         """
-        while True:
-            observation = self._settle.observe()
-            ready = observation.ready()
-            if ready:
-                return ready
-            if ready is not None:
-                raise WeightsNotFoundError(observation.not_found_message(self._location))
-            time.sleep(observation.settles_in)
+        return self._settle.settled()
 
     def wait_for_change(self, previous: list[Candidate], stop: threading.Event) -> list[Candidate] | None:
         """Block until the settled candidates differ from `previous` (by fingerprint, in order); return them.
@@ -198,11 +242,11 @@ class WeightsSource:
         """
         wanted_change_from = _fingerprints(previous)
         reported_empty, last_pass = False, None
-        while not (stop.is_set() or self._closed.is_set()):
-            self._wakeup.clear()  # events from here on trigger another pass
+        while not (stop.is_set() or self._wakeups.closed):
+            self._wakeups.clear()  # events from here on trigger another pass
             observation = self._settle.observe()
-            if self._watcher is not None and _fingerprints(observation.candidates) != last_pass:
-                self._watcher.check()  # something changed: re-arm if the watched directories moved silently
+            if _fingerprints(observation.candidates) != last_pass:
+                self._wakeups.recheck()  # something changed: re-arm if the watched directories moved silently
             last_pass = _fingerprints(observation.candidates)
             ready = observation.ready()
             if ready and _fingerprints(ready) != wanted_change_from:
@@ -211,27 +255,19 @@ class WeightsSource:
                 logger.info("no servable weights at %s for now; waiting", self._location)
             reported_empty = not observation.candidates
             delay = observation.settles_in if observation.pending else self._poll_interval
-            self._sleep(min(delay, self._poll_interval), stop)
+            self._wakeups.sleep(min(delay, self._poll_interval), stop)
         return None
 
     def interrupt(self) -> None:
         """Wake a pending ``wait_for_change`` now: it looks at its `stop` event and at the weights."""
-        self._wakeup.set()
+        self._wakeups.set()
 
     def close(self) -> None:
         """Stop the watcher thread (joins it, up to 2 s) and end pending waits. Idempotent."""
-        self._closed.set()
-        self._wakeup.set()
-        if self._watcher is not None and not self._watcher.close(_CLOSE_JOIN_S):
-            logger.warning("weights watcher thread for %s did not stop within %.0f s", self._location, _CLOSE_JOIN_S)
+        self._wakeups.close()
 
     def __enter__(self) -> WeightsSource:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _sleep(self, timeout: float, stop: threading.Event) -> None:
-        """Block on one event for up to `timeout`: an event batch, interrupt() or close() ends it early."""
-        if not (stop.is_set() or self._closed.is_set()):
-            self._wakeup.wait(timeout)

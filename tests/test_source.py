@@ -58,7 +58,8 @@ def sha256_hex(data: bytes) -> str:
 
 def armed(source: WeightsSource) -> WeightsSource:
     """The source, once its event watcher has its first watches in place."""
-    assert source._watcher is not None and source._watcher.armed.wait(WAIT_S), "event watcher never armed"
+    watcher = source._wakeups.watcher
+    assert watcher is not None and watcher.armed.wait(WAIT_S), "event watcher never armed"
     return source
 
 
