@@ -177,16 +177,77 @@ class Rollout:
         return not self.waiting and bool(self.loaded_by)
 
 
-class VersionManager:
-    """Which version is served, which came before, and which is being rolled out (the hub's handler)."""
+class VersionSwitch:
+    """Which version is served, which came before, and which is being rolled out, and the moves between them:
+    a rollout (two-phase: every worker loads the version, then all serve it; a worker that does not load it
+    within the load timeout is replaced), its commit, and the rollback. What to roll out, and when, is decided
+    by :class:`VersionManager` (:meth:`reconsider`, called again after every commit)."""
 
-    def __init__(self, store: VersionStore, workers: int, load_timeout: float) -> None:
-        self.store, self.expected_workers, self.load_timeout = store, workers, load_timeout
+    def __init__(self, store: VersionStore, load_timeout: float) -> None:
+        self.store, self.load_timeout = store, load_timeout
         self.fleet = Fleet()
-        self.hub: Hub | None = None
+        self.hub: Hub | None = None  # the loop that runs the load timeout (set once the hub exists)
         self.served: Version | None = None
         self.previous: Version | None = None
         self.rollout: Rollout | None = None
+
+    def reconsider(self) -> None:
+        """Roll out what should be served next, if anything (:class:`VersionManager` decides)."""
+
+    def _start_rollout(self, version: Version) -> None:
+        """Tell every worker to load ``version`` (to serve it at once if nothing is served yet: the first
+        version has nothing to keep serving meanwhile); the load timeout runs for a later one."""
+        self.rollout = rollout = Rollout(version, set(self.fleet.workers))
+        self.fleet.tell_workers(version.command("serve" if self.served is None else "load"))
+        if self.served is not None and self.hub is not None:
+            self.hub.call_later(self.load_timeout, lambda: self._load_timed_out(rollout))
+
+    def _load_timed_out(self, rollout: Rollout) -> None:
+        if self.rollout is not rollout:
+            return
+        for worker in list(rollout.waiting):
+            logger.error("worker %d did not load version %s within %.0f s; replacing it", worker,
+                         rollout.version.id, self.load_timeout)
+            self.fleet.kill(self.fleet.workers.get(worker))
+        rollout.waiting.clear()
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> None:
+        if self.rollout is not None and self.served is not None and self.rollout.complete():
+            self._commit(broadcast=True)
+
+    def _commit(self, broadcast: bool) -> None:
+        assert self.rollout is not None
+        self.previous = self.served or self.previous
+        self.served, self.rollout = self.rollout.version, None
+        self.fleet.set_versions(self.served, self.previous)
+        metrics.RELOADS.labels(result="ok", reason="").inc()
+        logger.info("serving version %s from %s", self.served.id, self.served.origin)
+        if broadcast:
+            self.fleet.tell_workers(self.served.command("serve"))
+        self.fleet.record("ok", self.served.id)
+        self.store.keep_only(self.served, self.previous)
+        self.reconsider()
+
+    def rollback(self) -> bool:
+        """Serve the previous version again, on every worker, until the weights change."""
+        if self.previous is None or self.rollout is not None:
+            return False
+        self.served, self.previous = self.previous, self.served
+        self.fleet.set_versions(self.served, self.previous)
+        self.fleet.tell_workers(self.served.command("serve"))
+        self.fleet.record("rollback", self.served.id)
+        logger.info("rolled back to version %s", self.served.id)
+        return True
+
+
+class VersionManager(VersionSwitch):
+    """The one decider (the hub's handler, through :class:`ControlRouter`): what the workers say, and which
+    candidate to roll out. Which version is served, and the rollouts themselves: :class:`VersionSwitch`."""
+
+    def __init__(self, store: VersionStore, workers: int, load_timeout: float) -> None:
+        super().__init__(store, load_timeout)
+        self.expected_workers = workers
         self.picker = Picker(store, self.fleet)
         self.startup = StartupGate()
         self.rescan_requested = threading.Event()
@@ -247,54 +308,13 @@ class VersionManager:
         elif self.served is not None and version.sha256 == self.served.sha256:  # the same bytes, renamed:
             self.served = dataclasses.replace(self.served, fingerprint=version.fingerprint)  # not read again
         else:
-            self.rollout = rollout = Rollout(version, set(self.fleet.workers))
-            self.fleet.tell_workers(version.command("serve" if self.served is None else "load"))
-            if self.served is not None and self.hub is not None:
-                self.hub.call_later(self.load_timeout, lambda: self._load_timed_out(rollout))
-
-    def _load_timed_out(self, rollout: Rollout) -> None:
-        if self.rollout is not rollout:
-            return
-        for worker in list(rollout.waiting):
-            logger.error("worker %d did not load version %s within %.0f s; replacing it", worker,
-                         rollout.version.id, self.load_timeout)
-            self.fleet.kill(self.fleet.workers.get(worker))
-        rollout.waiting.clear()
-        self._maybe_commit()
-
-    def _maybe_commit(self) -> None:
-        if self.rollout is not None and self.served is not None and self.rollout.complete():
-            self._commit(broadcast=True)
-
-    def _commit(self, broadcast: bool) -> None:
-        assert self.rollout is not None
-        self.previous = self.served or self.previous
-        self.served, self.rollout = self.rollout.version, None
-        self.fleet.set_versions(self.served, self.previous)
-        metrics.RELOADS.labels(result="ok", reason="").inc()
-        logger.info("serving version %s from %s", self.served.id, self.served.origin)
-        if broadcast:
-            self.fleet.tell_workers(self.served.command("serve"))
-        self.fleet.record("ok", self.served.id)
-        self.store.keep_only(self.served, self.previous)
-        self.reconsider()
+            self._start_rollout(version)
 
     def rescan(self) -> None:
         """Look at the weights now (admin reload, SIGHUP): files known to be bad get one more try."""
         self.picker.known_bad.clear()
         self.rescan_requested.set()
         self.wake_source()
-
-    def rollback(self) -> bool:
-        """Serve the previous version again, on every worker, until the weights change."""
-        if self.previous is None or self.rollout is not None:
-            return False
-        self.served, self.previous = self.previous, self.served
-        self.fleet.set_versions(self.served, self.previous)
-        self.fleet.tell_workers(self.served.command("serve"))
-        self.fleet.record("rollback", self.served.id)
-        logger.info("rolled back to version %s", self.served.id)
-        return True
 
 
 class ControlRouter:
