@@ -5,6 +5,8 @@ child), so nothing is shared by several writers or readers: no cross-process loc
 process could keep, and a frame torn by a crash dies with its connection (the peer sees EOF and
 discards the partial frame). This is TorchServe's layout (one socket per frontend/backend pair).
 
+:class:`WakePipe` is the one wake-up for loops that wait on descriptors.
+
 A frame is ``<u32 little-endian length><body>``. :class:`Connection` is non-blocking, for event loops
 (``asyncio`` in an API server, ``selectors`` in a worker and in the supervisor): bytes go out through
 an outbox that is flushed when the socket is writable, and come in through :meth:`Connection.frames`.
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import struct
+import threading
 from pathlib import Path
 
 LENGTH = struct.Struct("<I")
@@ -148,3 +152,47 @@ def connect(path: Path) -> Connection:
         sock.close()
         raise
     return Connection(sock)
+
+
+class WakePipe:
+    """A self-pipe, the wake-up of every loop that waits on descriptors (the supervisor's hub and its
+    watch over the children, the weights watcher): :meth:`poke` (any thread) makes :meth:`fileno`
+    readable until :meth:`drain`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # not closed while being written
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def poke(self) -> None:
+        with self._lock:
+            if self._write >= 0:
+                try:
+                    os.write(self._write, b"\0")
+                except BlockingIOError:  # full: readable already
+                    pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float) -> None:
+        """Block up to `timeout` seconds, or until poked (a poke stays readable until :meth:`drain`)."""
+        poller = select.poll()
+        poller.register(self._read, select.POLLIN)
+        poller.poll(timeout * 1000)
+
+    def close(self) -> None:
+        """Close both ends; only once nobody waits on :meth:`fileno` any more. Idempotent."""
+        with self._lock:
+            for fd in (self._read, self._write):
+                if fd >= 0:
+                    os.close(fd)
+            self._read = self._write = -1

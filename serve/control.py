@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from serve.channel import ChannelClosed, Connection, accept, frame, listen
+from serve.channel import ChannelClosed, Connection, WakePipe, accept, frame, listen
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,10 @@ class Handler(Protocol):
 
 class Schedule:
     """What a loop thread runs besides its I/O: calls queued from any thread, each of which wakes the loop (the
-    loop watches :attr:`wake_r`), and timers set on the loop's thread, earliest first."""
+    loop watches :attr:`wake`), and timers set on the loop's thread, earliest first."""
 
     def __init__(self) -> None:
-        self.wake_r, self._wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
+        self.wake = WakePipe()
         self._calls: list[Callable[[], None]] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
@@ -91,10 +90,7 @@ class Schedule:
         """Queue ``fn`` and wake the loop (thread-safe)."""
         with self._lock:
             self._calls.append(fn)
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        self.wake.poke()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Have ``fn`` run ``delay`` seconds from now (call from the loop's thread)."""
@@ -106,7 +102,7 @@ class Schedule:
 
     def woken(self) -> None:
         """The loop woke for queued calls: read the wake-up bytes (they are run by :meth:`run_due`)."""
-        self.wake_r.recv(4096)
+        self.wake.drain()
 
     def run_due(self, run: Callable[[Callable[[], None]], None]) -> None:
         """Pass every timer that is due to ``run`` (one that a timer sets and is due already too), then every
@@ -119,9 +115,8 @@ class Schedule:
             run(call)
 
     def close(self) -> None:
-        """Close both ends of the wake-up pair."""
-        self.wake_r.close()
-        self._wake_w.close()
+        """Close the wake-up pipe."""
+        self.wake.close()
 
 
 class Hub:
@@ -134,7 +129,7 @@ class Hub:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.listener, selectors.EVENT_READ, None)
         self._schedule = Schedule()
-        self._selector.register(self._schedule.wake_r, selectors.EVENT_READ, None)
+        self._selector.register(self._schedule.wake, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="control-hub", daemon=True)
         os.register_at_fork(after_in_child=self._close_in_child)
 
@@ -166,7 +161,7 @@ class Hub:
             logger.exception("control hub")
 
     def _ready(self, key: selectors.SelectorKey) -> None:
-        if key.fileobj is self._schedule.wake_r:
+        if key.fileobj is self._schedule.wake:
             self._schedule.woken()
         elif key.fileobj is self.listener:
             conn = accept(self.listener)

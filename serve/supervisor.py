@@ -11,7 +11,6 @@ business (:mod:`serve.litserve_adapter` passes the two starters in).
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from multiprocessing import connection
 from typing import Any
 
 from serve import metrics
+from serve.channel import WakePipe
 from serve.control import Hub
 from serve.errors import WeightsNotFoundError
 from serve.heartbeat import Heartbeat
@@ -77,9 +77,7 @@ class ChildWatch:
     def __init__(self) -> None:
         self.groups: list[Children] = []
         self._stopping = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wake = WakePipe()
 
     def run(self) -> None:
         """Watch (event-driven: sentinels, the next replacement's due time, a stop) until :meth:`stop`."""
@@ -88,9 +86,9 @@ class ChildWatch:
                        if i not in group.due}
             due = [when for group in self.groups for when in group.due.values()]
             delay = max(0.0, min(due) - time.monotonic()) if due else None
-            for ready in connection.wait([*watched, self._wake_r], delay):
-                if ready is self._wake_r:
-                    self._wake_r.recv(4096)
+            for ready in connection.wait([*watched, self._wake], delay):
+                if ready is self._wake:
+                    self._wake.drain()
                 elif not self._stopping.is_set():
                     group, index = watched[ready]
                     group.died(index)
@@ -101,10 +99,7 @@ class ChildWatch:
     def stop(self) -> None:
         """End :meth:`run` at once (any thread); no child is replaced from then on."""
         self._stopping.set()
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+        self._wake.poke()
 
     def stopped(self) -> bool:
         """Whether :meth:`stop` was called."""

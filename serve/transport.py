@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 REQUEST = struct.Struct("<QdII")  # request id, enqueue time (CLOCK_MONOTONIC, shared by processes), rows, columns
 REPLY = struct.Struct("<QBII")  # request id, status, rows (or message bytes), columns
 OK, FAILED, EXPIRED, NOT_FINITE = 0, 1, 2, 3
+QUEUE_FULL = "the request queue is full; retry shortly"  # a worker's bound and the parking's
 _ERRORS = {FAILED: InferenceError, EXPIRED: RequestTimeout, NOT_FINITE: InvalidInput}
 
 
@@ -234,7 +235,7 @@ class Parking:
     def park(self, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
         """Keep a request for the next worker; ``Overloaded`` when the parked bytes would pass the bound."""
         if sum(v.nbytes for _, _, v in self.entries) + values.nbytes > self.max_bytes:
-            raise Overloaded("the request queue is full; retry shortly")
+            raise Overloaded(QUEUE_FULL)
         self.entries.append((uid, future, values))
 
     def drop(self, uid: int) -> None:
@@ -296,7 +297,7 @@ class Dispatcher:
     def _send(self, link: WorkerLink, uid: int, future: asyncio.Future, values: np.ndarray) -> None:
         data = encode_request(uid, time.monotonic(), values)
         if link.bytes and link.bytes + len(data) > self.max_queue_bytes:
-            raise Overloaded("the request queue is full; retry shortly")
+            raise Overloaded(QUEUE_FULL)
         link.add(uid, future, len(values), data, time.monotonic())
         self.watchdog.arm()
 

@@ -29,6 +29,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from serve.channel import WakePipe
+
 __all__ = ["DirectoryEvents", "DirectoryWatcher", "WatchTarget", "directory_target"]
 
 logger = logging.getLogger(__name__)
@@ -157,48 +159,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
-class _WakePipe:
-    """A self-pipe: :meth:`poke` (any thread) makes :meth:`fileno` readable until :meth:`drain`."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # not closed while being written
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-
-    def fileno(self) -> int:
-        return self._read
-
-    def poke(self) -> None:
-        with self._lock:
-            if self._write >= 0:
-                try:
-                    os.write(self._write, b"\0")
-                except BlockingIOError:  # full: readable already
-                    pass
-
-    def drain(self) -> None:
-        try:
-            while os.read(self._read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def wait(self, timeout: float) -> None:
-        """Block up to `timeout` seconds, or until poked (a poke stays readable until :meth:`drain`)."""
-        poller = select.poll()
-        poller.register(self._read, select.POLLIN)
-        poller.poll(timeout * 1000)
-
-    def close(self) -> None:
-        """Close both ends; only once nobody waits on :meth:`fileno` any more. Idempotent."""
-        with self._lock:
-            for fd in (self._read, self._write):
-                if fd >= 0:
-                    os.close(fd)
-            self._read = self._write = -1
-
-
 def _watching(targets: tuple[WatchTarget, ...], warn: Callable[[str], None]) -> DirectoryEvents:
     """A new inotify instance watching `targets`; a directory that cannot be watched is left to the poll, and
     `warn` is told why."""
@@ -211,7 +171,7 @@ def _watching(targets: tuple[WatchTarget, ...], warn: Callable[[str], None]) -> 
     return events
 
 
-def _wait_for_events(events: DirectoryEvents, wake: _WakePipe) -> bool:
+def _wait_for_events(events: DirectoryEvents, wake: WakePipe) -> bool:
     """Block (no timeout) until events are queued or `wake` is poked (a poke is drained); True if events were
     read (every queued one)."""
     poller = select.poll()
@@ -241,7 +201,7 @@ class DirectoryWatcher:
         self._armed_targets: tuple[WatchTarget, ...] | None = None
         self._warned: set[str] = set()
         self._closing = False
-        self._wake = _WakePipe()  # pokes: close() and check()
+        self._wake = WakePipe()  # pokes: close() and check()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:

@@ -24,9 +24,9 @@ def test_due_timers_run_earliest_first_then_the_calls_that_woke_the_loop() -> No
         caller = threading.Thread(target=schedule.call_soon, args=(lambda: ran.append("call"),))
         caller.start()
         caller.join()
-        assert select.select([schedule.wake_r], [], [], 1.0)[0], "a queued call did not wake the loop"
+        assert select.select([schedule.wake], [], [], 1.0)[0], "a queued call did not wake the loop"
         schedule.woken()
-        assert not select.select([schedule.wake_r], [], [], 0)[0]
+        assert not select.select([schedule.wake], [], [], 0)[0]
         schedule.run_due(run)
         assert ran == ["first", "second", "call"]
         schedule.run_due(run)  # each ran once; the later timer is not due
