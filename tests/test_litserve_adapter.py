@@ -7,10 +7,13 @@ import importlib
 import importlib.metadata
 import inspect
 import pkgutil
+import socket
+import struct
 
 import pytest
 
 import serve
+from bench.servers import HOST
 from serve.litserve_adapter import TOUCHPOINTS
 
 
@@ -66,3 +69,70 @@ def test_uvicorn_keeps_its_client_connections_where_the_adapter_counts_them() ->
     if not isinstance(getattr(getattr(server, "server_state", None), "connections", None), set):
         pytest.fail(f"uvicorn {importlib.metadata.version('uvicorn')}: Server.server_state.connections moved; "
                     "see serve/litserve_adapter.py", pytrace=False)
+
+
+_BODY = b'{"input": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}'
+_TCPI_DATA_SEGS_IN = 152  # offset of tcp_info.tcpi_data_segs_in (Linux 4.6+), segments that carried data
+
+
+def _post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (path.encode(), len(body), extra)) + body
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One complete HTTP response (a Content-Length body) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _content_length(data):
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-response: {data!r}"
+        data += chunk
+    return data
+
+
+def _content_length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    return int(head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), _TCPI_DATA_SEGS_IN)[0]
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/predict", _BODY, b"200"),
+    ("/v1/models/simplenn:predict", b'{"instances": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]]}', b"200"),
+    ("/predict", b'{"input": [1, 2]}', b"422"),
+])
+def test_a_response_leaves_in_one_tcp_segment(server, path: str, body: bytes, status: bytes) -> None:
+    """uvicorn writes a response's head and body separately (two segments, two wake-ups of the client);
+    through ``OneWriteHttpProtocol`` the client's kernel receives each response as one data segment."""
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        for _ in range(3):  # the first and the following responses of a kept-alive connection
+            before = _data_segments_in(sock)
+            sock.sendall(_post(path, body))
+            response = _read_response(sock)
+            assert response.startswith(b"HTTP/1.1 " + status), response
+            assert _data_segments_in(sock) - before == 1, response
+
+
+def test_an_interim_100_continue_is_sent_before_the_body_arrives(server) -> None:
+    """A write outside a complete response (here uvicorn's ``100 Continue``) is held no longer than the
+    event loop's turn: the client gets it while the server still waits for the body."""
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        request = _post("/predict", _BODY, b"Expect: 100-continue\r\n")
+        head, body = request.split(b"\r\n\r\n", 1)
+        sock.sendall(head + b"\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(body)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_malformed_request_gets_its_400_before_the_connection_closes(server) -> None:
+    """uvicorn answers a request it cannot parse and closes the connection: the held answer goes first."""
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400"), data
