@@ -143,7 +143,7 @@ class Spin:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds if quota_leaves_room_to_spin() else 0.0
         self.cpus = usable_cpus()
-        self.loadavg_fd = open_loadavg() if seconds else None
+        self.loadavg_fd = open_loadavg() if self.seconds else None
 
     def until(self, poll: Callable[[], T]) -> T | None:
         """``poll()``'s first truthy result, polled for up to ``seconds`` (no sleep); None after ``seconds``,

@@ -137,11 +137,12 @@ class _HeldWrites:
             self.write(data)
 
     def flush(self) -> None:
-        """Send what is held, in one write."""
+        """Send what is held, in one write (dropped once the connection is closing: nobody reads it)."""
         if self._held:
             data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
             self._held.clear()
-            self._transport.write(data)
+            if not self._transport.is_closing():
+                self._transport.write(data)
 
     def close(self) -> None:
         self.flush()

@@ -136,3 +136,15 @@ def test_a_malformed_request_gets_its_400_before_the_connection_closes(server) -
         while chunk := sock.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 400"), data
+
+
+def test_clients_that_leave_before_their_answer_cost_nothing(server) -> None:
+    """A response held for one write meets a connection its client already closed: it is dropped quietly,
+    and the server goes on answering."""
+    for _ in range(20):
+        with socket.create_connection((HOST, server.port), timeout=10) as sock:
+            sock.sendall(_post("/predict", _BODY))  # and close at once, before the answer
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        sock.sendall(_post("/predict", _BODY))
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    assert "RuntimeError" not in server.log()
