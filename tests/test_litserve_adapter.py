@@ -148,3 +148,22 @@ def test_clients_that_leave_before_their_answer_cost_nothing(server) -> None:
         sock.sendall(_post("/predict", _BODY))
         assert _read_response(sock).startswith(b"HTTP/1.1 200")
     assert "RuntimeError" not in server.log()
+
+
+def test_pipelined_requests_get_their_answers_in_order(server) -> None:
+    """Three requests in one packet (HTTP/1.1 pipelining): uvicorn answers them one after another, and each
+    held answer leaves before the next request starts: the same bodies, in order, as asked one by one."""
+    requests = [_post("/predict", b'{"input": [%s]}' % b", ".join([b"0.%d" % i] * 10)) for i in range(1, 4)]
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        expected = []
+        for request in requests:
+            sock.sendall(request)
+            expected.append(_read_response(sock).split(b"\r\n\r\n", 1)[1])
+        sock.sendall(b"".join(requests))
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 3 or not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in data.split(b"HTTP/1.1 ")[1:]]
+    assert bodies == expected and len(set(expected)) == 3
