@@ -126,10 +126,11 @@ class _HeldWrites:
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._held: list[bytes] = []
+        self._loop = asyncio.get_running_loop()  # made in connection_made, on the connection's loop
 
     def write(self, data: bytes) -> None:
         if not self._held:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._held.append(data)
 
     def writelines(self, lines: Any) -> None:
