@@ -243,8 +243,7 @@ class RpcMethods:
         return grpc.unary_stream_rpc_method_handler(call, response_serializer=response_type.SerializeToString)
 
     def _record(self, route: str, code: str, elapsed: float, request_id: str) -> None:
-        metrics.REQUESTS.labels(route=route, code=code).inc()
-        metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
+        metrics.observe_request(route, code, elapsed)
         if self.access_log:
             access_logger.info("request", extra={"request_id": request_id, "method": "GRPC", "path": route[5:],
                                                  "status": code, "ms": round(elapsed * 1000, 3)})

@@ -9,6 +9,7 @@ units, ``_total`` for counters, ``_seconds`` for durations.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess, values
@@ -60,6 +61,19 @@ LAST_RELOAD = Gauge("simplenn_last_reload_timestamp_seconds", "Unix time of the 
                     multiprocess_mode="max")
 
 _live_versions: dict[int, str] = {}
+_request_series: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def observe_request(route: str, code: str, seconds: float) -> None:
+    """Count one answered request (HTTP or gRPC) and its duration. Each (route, code) pair's series is
+    looked up once per process: ``labels()`` validates and locks at every call (about 3 µs of the 5 µs
+    the two updates took per request). Routes are path templates and codes are bounded, so few pairs exist."""
+    series = _request_series.get((route, code))
+    if series is None:
+        series = _request_series[(route, code)] = (REQUESTS.labels(route=route, code=code),
+                                                   REQUEST_SECONDS.labels(route=route))
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def set_live_version(version: str, worker: int) -> None:

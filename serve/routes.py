@@ -65,8 +65,7 @@ class RequestMiddleware:
             metrics.IN_FLIGHT.dec()
             elapsed = time.perf_counter() - started
             route = self.route_label(scope)
-            metrics.REQUESTS.labels(route=route, code=str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
+            metrics.observe_request(route, str(status), elapsed)
             if self.settings.access_log:
                 access_logger.info("request", extra={"request_id": request_id, "method": scope["method"],
                                                      "path": scope["path"], "status": status,
