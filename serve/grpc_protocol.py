@@ -186,14 +186,36 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return new_request_id()
 
 
+class RecentClients:
+    """The gRPC clients (peer addresses: one per connection) that sent an RPC within the last ``window_s``.
+    ``grpc.aio`` shows no connection count, and the transport polls for a lone request's answer only while
+    one client can be sending (:meth:`serve.transport.Transport.infer`); this is gRPC's part of that count."""
+
+    def __init__(self, window_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self.clock = window_s, clock
+        self.last_seen: dict[str, float] = {}
+
+    def seen(self, peer: str) -> None:
+        """``peer`` sent an RPC now."""
+        self.last_seen[peer] = self.clock()
+
+    def count(self) -> int:
+        """Clients seen within the window (older ones are forgotten)."""
+        cutoff = self.clock() - self.window_s
+        for peer in [peer for peer, seen in self.last_seen.items() if seen < cutoff]:
+            del self.last_seen[peer]
+        return len(self.last_seen)
+
+
 class RpcMethods:
     """Makes gRPC method handlers of request -> response coroutines, with what every RPC gets: parsing
     (malformed bytes are INVALID_ARGUMENT), the request id (``x-request-id`` metadata or a new one, echoed
     in the trailing metadata), typed errors -> status codes, metrics labelled ``grpc:/<service>/<method>``
-    with the status name as ``code``, and the access log."""
+    with the status name as ``code``, the access log, and its client in :attr:`clients`."""
 
     def __init__(self, access_log: bool) -> None:
         self.access_log = access_log
+        self.clients = RecentClients()
 
     def unary(self, service: str, method: str, handler: Handler, request_type: type[Message],
               response_type: type[Message]) -> grpc.RpcMethodHandler:
@@ -201,6 +223,7 @@ class RpcMethods:
 
         async def call(data: bytes, context: grpc.aio.ServicerContext) -> Message:
             started = time.perf_counter()
+            self.clients.seen(context.peer())
             request_id = _request_id(context)
             trailer = ((REQUEST_ID, request_id),)
             context.set_trailing_metadata(trailer)
@@ -261,6 +284,7 @@ class GrpcServer:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
                                                ("grpc.max_receive_message_length", settings.max_body_bytes)])
         rpcs = RpcMethods(settings.access_log)
+        self.clients = rpcs.clients
         for service, handlers in ((INFERENCE_SERVICE, InferenceService(context).handlers(rpcs)),
                                   (HEALTH_SERVICE, self.health.handlers(rpcs))):
             self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
@@ -287,6 +311,7 @@ async def start_grpc(context: ServingContext, settings: Settings) -> GrpcServer 
     if not settings.grpc_port:
         return None
     server = GrpcServer(context, settings)
+    context.transport.client_counts["grpc"] = server.clients.count
     try:
         await server.start()
     except RuntimeError as exc:
@@ -296,5 +321,5 @@ async def start_grpc(context: ServingContext, settings: Settings) -> GrpcServer 
     return server
 
 
-__all__ = ["GrpcServer", "HealthService", "InferenceService", "RpcMethods", "infer_response", "infer_rows",
+__all__ = ["GrpcServer", "HealthService", "InferenceService", "RecentClients", "RpcMethods", "infer_response", "infer_rows",
            "start_grpc"]

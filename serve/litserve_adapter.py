@@ -223,7 +223,7 @@ class AdaptedLitServer(ls.LitServer):
         config = uvicorn.Config(app=copy.copy(self.app), host="0.0.0.0", port=port, log_level=log_level,
                                 timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)
         server = _ApiServer(config=config)
-        self.fast_transport.client_connections = lambda: len(server.server_state.connections)
+        self.fast_transport.client_counts["http"] = lambda: len(server.server_state.connections)
         process = mp.get_context("fork").Process(target=server.run, args=(index, sockets), name=f"LitServer-{index}")
         process.start()
         return process

@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     api_spin_us: float = Field(
         300.0, ge=0, le=100_000,
         description="After sending the only request in flight to a worker, an API server polls this long for "
-                    "the answer before it sleeps, only while it has one client connection and no more processes "
-                    "than CPU cores want to run, and never under a CPU quota below the cores (0: never).")
+                    "the answer before it sleeps, only while it has one client connection (HTTP, or a gRPC peer "
+                    "seen in the last second) and no more processes than CPU cores want to run, and never under "
+                    "a CPU quota below the cores (0: never).")
     max_rows: int = Field(4096, ge=1, le=1_000_000, description="Most rows in one request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
     max_queue_bytes: int = Field(

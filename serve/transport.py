@@ -409,11 +409,13 @@ class Transport(MessageTransport):
         self.workers = Dispatcher(max_queue_bytes, hang_timeout)
         self.spin_s = spin_s
         self.reader: WorkerReader | None = None  # made by the API server that serves (its spin holds a descriptor)
-        self.client_connections: Callable[[], int] = lambda: 1  # the adapter counts uvicorn's connections
+        # clients that can be sending to this API server, by protocol: the adapter counts uvicorn's HTTP
+        # connections, the gRPC server the peers of its recent RPCs (serve.grpc_protocol.RecentClients)
+        self.client_counts: dict[str, Callable[[], int]] = {}
         self._uids = itertools.count(1)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "workers": None, "_uids": None, "reader": None, "client_connections": None}
+        return {**self.__dict__, "workers": None, "_uids": None, "reader": None, "client_counts": {}}
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> None:
         """Start serving as API server ``consumer_id`` (first call), then park: answers arrive by callbacks."""
@@ -438,7 +440,7 @@ class Transport(MessageTransport):
         try:
             link = self.workers.submit(uid, future, np.ascontiguousarray(values, dtype=np.float32))
             if link is not None and self.reader is not None and self.workers.alone(link) \
-                    and self.client_connections() <= 1:  # another client's request may be arriving
+                    and self.clients() <= 1:  # another client's request may be arriving
                 self.reader.poll(link)
             return await future
         except BaseException:  # timed out, cancelled or refused: drop what a worker or the parking still holds
@@ -446,6 +448,10 @@ class Transport(MessageTransport):
             raise
         finally:
             timer.cancel()
+
+    def clients(self) -> int:
+        """Client connections that can be sending requests to this API server (HTTP and gRPC)."""
+        return sum(count() for count in self.client_counts.values())
 
     def send(self, item: Any, consumer_id: int) -> None:
         """Unused: workers answer over their own connections."""

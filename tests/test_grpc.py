@@ -9,6 +9,7 @@ kserve/kserve#3099). Our stubs are generated from KServe's proto, so they are it
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -27,6 +28,7 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.utils import InferenceServerException
 
 from serve.grpc_gen import generate
+from serve.grpc_protocol import RecentClients, RpcMethods
 from serve.grpc_gen import grpc_predict_v2_pb2 as pb
 from serve.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
 from serve.grpc_gen import health_pb2, health_pb2_grpc
@@ -300,6 +302,51 @@ def test_metrics_count_grpc_methods_with_their_status(server: ServerProcess,
         assert after[key] == before.get(key, 0) + 1, key
     text = httpx.get(server.url + "/metrics").text
     assert 'simplenn_request_duration_seconds_count{route="grpc:/inference.GRPCInferenceService/ModelInfer"}' in text
+
+
+def test_recent_clients_are_those_seen_within_the_window() -> None:
+    now = [100.0]
+    clients = RecentClients(window_s=1.0, clock=lambda: now[0])
+    clients.seen("ipv4:127.0.0.1:40000")
+    clients.seen("ipv4:127.0.0.1:40000")
+    assert clients.count() == 1
+    now[0] += 0.6
+    clients.seen("ipv6:[::1]:40001")
+    assert clients.count() == 2
+    now[0] += 0.6  # the first is 1.2 s old, the second 0.6 s
+    assert clients.count() == 1
+    assert list(clients.last_seen) == ["ipv6:[::1]:40001"]
+
+
+def test_rpcs_count_each_client_connection_once() -> None:
+    """A real grpc.aio server with our RpcMethods: two channels are two clients, however many calls."""
+
+    async def main() -> tuple[int, int]:
+        rpcs = RpcMethods(access_log=False)
+
+        async def live(request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)
+
+        server = grpc.aio.server()
+        handler = rpcs.unary("inference.GRPCInferenceService", "ServerLive", live, pb.ServerLiveRequest,
+                             pb.ServerLiveResponse)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ServerLive": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            own = [("grpc.use_local_subchannel_pool", 1)]  # else channels in one process share a connection
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=own) as first, \
+                    grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=own) as second:
+                for _ in range(3):
+                    assert (await pb_grpc.GRPCInferenceServiceStub(first).ServerLive(pb.ServerLiveRequest())).live
+                one = rpcs.clients.count()
+                await pb_grpc.GRPCInferenceServiceStub(second).ServerLive(pb.ServerLiveRequest())
+                return one, rpcs.clients.count()
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(main()) == (1, 2)
 
 
 def test_checked_in_stubs_are_what_the_generator_makes(tmp_path: Path) -> None:
