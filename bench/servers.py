@@ -8,8 +8,11 @@ drain as docker and Kubernetes do it), waits, then SIGKILLs the group and every 
 it. Output goes to a log file whose tail is shown when a server fails to start. Every server gets a
 free gRPC port of its own (``SIMPLENN_GRPC_PORT``), so servers started side by side never share 8001.
 
-This is the one home of these helpers: ``bench/run.py``, ``bench/faults.py``, ``bench/reload.py``,
-``bench/soak.py`` and the tests (``tests/conftest.py``'s ``ServerProcess``) all use them.
+:class:`ProcessGroup` starts, logs and stops one such process; :func:`http_request` sends one
+request; :class:`RunningServer` is a server from a :class:`ServerSpec` on top of both: its ports,
+readiness, and the CPU time and memory of its process tree. This is the one home of these helpers:
+``bench/run.py``, ``bench/faults.py``, ``bench/reload.py``, ``bench/soak.py`` and the tests
+(``tests/conftest.py``'s ``ServerProcess``) all use them.
 """
 
 from __future__ import annotations
@@ -204,125 +207,60 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(stats[pid].ticks for pid in process_tree(root, stats)) / CLK_TCK
 
 
-# -- one server ---------------------------------------------------------------------------------------------
+# -- one process group: start, log, stop -------------------------------------------------------------------
 
 
-class RunningServer:
-    """One server's process group: ``launch()``, ``wait_ready()``, and always ``stop()``.
+class ProcessGroup:
+    """One process started in a session of its own (so its process group holds it and every process it
+    forks), its output in a log file: ``start()``, and always ``stop()``.
 
-    ``url`` is ``http://127.0.0.1:<port>``; ``grpc_port`` is a free port given as ``SIMPLENN_GRPC_PORT``
-    unless the spec sets a number of its own. ``stop()`` waits ``stop_grace_s`` after SIGTERM, which goes
-    to the whole group, or to the main process alone when ``term_group`` is false.
+    ``stop()`` waits ``stop_grace_s`` after SIGTERM, which goes to the whole group, or to the main process
+    alone when ``term_group`` is false; then it SIGKILLs the group and every descendant that left it.
     """
 
     stop_grace_s = 5.0
     term_group = True
 
-    def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
-        self.spec = spec
-        self.port = free_port()
-        explicit = spec.env.get("SIMPLENN_GRPC_PORT", "{grpc_port}")
-        self.grpc_port = free_port() if "{" in explicit else int(explicit)
-        self.url = f"http://{HOST}:{self.port}"
-        self.log_path = log_dir / f"{self._fill(spec.name)}.log"
-        self.startup_s: float | None = None
-        self._began = 0.0
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.launched_at = 0.0  # monotonic time of start()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
+        """The main process's pid (AssertionError before ``start()``)."""
         assert self.proc is not None, "server not launched"
         return self.proc.pid
 
-    @property
-    def grpc_target(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
-
-    def _fill(self, text: str) -> str:
-        filled = text.replace("{host}", HOST).replace("{port}", str(self.port))
-        return filled.replace("{grpc_port}", str(self.grpc_port))
-
-    def launch(self) -> None:
-        """Start the process in a new session (its own process group), in the repository root; do not wait."""
-        argv = [self._fill(arg) for arg in self.spec.argv]
-        env = {**os.environ, "SIMPLENN_GRPC_PORT": str(self.grpc_port),
-               **{k: self._fill(v) for k, v in self.spec.env.items()}}
-        self._began = time.monotonic()
+    def start(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        """Start ``argv`` with exactly ``env`` in a new session, in the repository root; do not wait."""
+        self.launched_at = time.monotonic()
         with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                argv,
+                list(argv),
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=dict(env),
                 start_new_session=True,
             )
 
-    def wait_ready(self, timeout_s: float | None = None) -> RunningServer:
-        """Poll ``GET ready_path`` (a POST of ``ready_body`` when the spec has one) until it answers 200: for
-        ``timeout_s`` from now, or by default until the spec's ready timeout after the launch. ServerStartError
-        on exit or timeout. ``startup_s`` is the time from the launch to the first ready answer."""
-        if timeout_s is None:
-            timeout_s, deadline = self.spec.ready_timeout_s, self._began + self.spec.ready_timeout_s
-        else:
-            deadline = time.monotonic() + timeout_s
-        method = "GET" if self.spec.ready_body is None else "POST"
-        while time.monotonic() < deadline:
-            if not self.alive():
-                code = self.proc.returncode if self.proc else None
-                raise ServerStartError(
-                    f"{self.spec.name} exited with code {code} before it was ready; log tail:\n{self.log_tail()}"
-                )
-            if self.request(method, self.spec.ready_path, self.spec.ready_body, timeout_s=1.0)[0] == 200:
-                if self.startup_s is None:
-                    self.startup_s = time.monotonic() - self._began
-                return self
-            time.sleep(0.1)
-        raise ServerStartError(
-            f"{self.spec.name} not ready after {timeout_s:.0f} s"
-            f" ({method} {self.spec.ready_path}); log tail:\n{self.log_tail()}"
-        )
+    def alive(self) -> bool:
+        """The main process was started and has not exited."""
+        return self.proc is not None and self.proc.poll() is None
 
     def wait_exit(self, timeout_s: float = 60) -> int:
         """The main process's exit status; subprocess.TimeoutExpired when it runs on."""
         assert self.proc is not None, "server not launched"
         return self.proc.wait(timeout=timeout_s)
 
-    def request(
-        self, method: str, path: str, body: bytes | None = None, timeout_s: float = 5.0,
-        headers: Mapping[str, str] | None = None,
-    ) -> tuple[int | None, bytes]:
-        """One HTTP request: (status, body), or (None, b"") when the server does not answer. A body goes
-        with ``headers``, by default ``Content-Type: application/json``."""
-        if headers is None:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout_s)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            return None, b""
-        finally:
-            conn.close()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        """CPU time used so far by the server's whole process tree."""
-        return tree_cpu_seconds(self.pid)
-
-    def pss_bytes(self) -> int:
-        """Memory (PSS) of the server's whole process tree now."""
-        return tree_pss_bytes(self.pid)
-
     def log(self) -> str:
         """The whole log so far."""
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the log, or ``(no log)`` when it cannot be read."""
         try:
             text = self.log()
         except OSError:
@@ -334,31 +272,135 @@ class RunningServer:
         descendant that left it. Returns the main process's exit status; safe to call again."""
         if self.proc is None:
             return None
-        root = self.proc.pid
+        proc, root = self.proc, self.proc.pid
         before = _read_proc_stats()
         tree = {pid: before[pid].start for pid in process_tree(root, before) if pid != root}
         # Once the main process is reaped its pid may be reused: signal its group only while a member is left.
-        group = self.proc.poll() is None or any(st.pgrp == root for st in before.values())
-        if self.proc.poll() is None and not self.term_group:
+        group = proc.poll() is None or any(st.pgrp == root for st in before.values())
+        if proc.poll() is None and not self.term_group:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
         elif group:
             _signal_group(root, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=self.stop_grace_s if grace_s is None else grace_s)
+            proc.wait(timeout=self.stop_grace_s if grace_s is None else grace_s)
         if group:
             _signal_group(root, signal.SIGKILL)
-        now = _read_proc_stats()
-        for pid, start in tree.items():  # descendants that left the group, if still the same
-            if pid in now and now[pid].start == start:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_if_same(tree)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        return self.proc.returncode
+            proc.wait(timeout=10)
+        return proc.returncode
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     """Send ``sig`` to a process group that may already be gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _kill_if_same(started: Mapping[int, int]) -> None:
+    """SIGKILL each pid of ``started`` (pid -> start time) that is still the process that had that start time
+    (descendants that left the process group)."""
+    now = _read_proc_stats()
+    for pid, start in started.items():
+        if pid in now and now[pid].start == start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# -- requests ---------------------------------------------------------------------------------------------
+
+
+def http_request(
+    port: int, method: str, path: str, body: bytes | None = None, timeout_s: float = 5.0,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int | None, bytes]:
+    """One HTTP request to ``127.0.0.1:port`` on a connection of its own: (status, body), or (None, b"") when
+    the server does not answer. A body goes with ``headers``, by default ``Content-Type: application/json``."""
+    if headers is None:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        return None, b""
+    finally:
+        conn.close()
+
+
+# -- one server ---------------------------------------------------------------------------------------------
+
+
+class RunningServer(ProcessGroup):
+    """One server from a :class:`ServerSpec` (a :class:`ProcessGroup`): ``launch()``, ``wait_ready()``, and
+    always ``stop()``; then ``request()`` it and measure its process tree (``cpu_seconds()``, ``pss_bytes()``).
+
+    ``url`` is ``http://127.0.0.1:<port>``; ``grpc_port`` is a free port given as ``SIMPLENN_GRPC_PORT``
+    unless the spec sets a number of its own.
+    """
+
+    def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
+        self.spec = spec
+        self.port = free_port()
+        explicit = spec.env.get("SIMPLENN_GRPC_PORT", "{grpc_port}")
+        self.grpc_port = free_port() if "{" in explicit else int(explicit)
+        self.url = f"http://{HOST}:{self.port}"
+        self.startup_s: float | None = None  # launch to the first ready answer
+        super().__init__(log_dir / f"{self._fill(spec.name)}.log")
+
+    @property
+    def grpc_target(self) -> str:
+        """``127.0.0.1:<grpc_port>``."""
+        return f"{HOST}:{self.grpc_port}"
+
+    def _fill(self, text: str) -> str:
+        filled = text.replace("{host}", HOST).replace("{port}", str(self.port))
+        return filled.replace("{grpc_port}", str(self.grpc_port))
+
+    def launch(self) -> None:
+        """Start the spec's command (placeholders filled) in a new session; do not wait."""
+        self.start([self._fill(arg) for arg in self.spec.argv],
+                   {**os.environ, "SIMPLENN_GRPC_PORT": str(self.grpc_port),
+                    **{k: self._fill(v) for k, v in self.spec.env.items()}})
+
+    def wait_ready(self, timeout_s: float | None = None) -> RunningServer:
+        """Poll ``GET ready_path`` (a POST of ``ready_body`` when the spec has one) until it answers 200: for
+        ``timeout_s`` from now, or by default until the spec's ready timeout after the launch. ServerStartError
+        on exit or timeout. ``startup_s`` is the time from the launch to the first ready answer."""
+        if timeout_s is None:
+            timeout_s, deadline = self.spec.ready_timeout_s, self.launched_at + self.spec.ready_timeout_s
+        else:
+            deadline = time.monotonic() + timeout_s
+        method = "GET" if self.spec.ready_body is None else "POST"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise ServerStartError(
+                    f"{self.spec.name} exited with code {code} before it was ready; log tail:\n{self.log_tail()}"
+                )
+            if self.request(method, self.spec.ready_path, self.spec.ready_body, timeout_s=1.0)[0] == 200:
+                if self.startup_s is None:
+                    self.startup_s = time.monotonic() - self.launched_at
+                return self
+            time.sleep(0.1)
+        raise ServerStartError(
+            f"{self.spec.name} not ready after {timeout_s:.0f} s"
+            f" ({method} {self.spec.ready_path}); log tail:\n{self.log_tail()}"
+        )
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, timeout_s: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int | None, bytes]:
+        """One HTTP request to this server (:func:`http_request`): (status, body), or (None, b"")."""
+        return http_request(self.port, method, path, body, timeout_s, headers)
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server's whole process tree."""
+        return tree_cpu_seconds(self.pid)
+
+    def pss_bytes(self) -> int:
+        """Memory (PSS) of the server's whole process tree now."""
+        return tree_pss_bytes(self.pid)
