@@ -58,6 +58,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # as a script: import bench, models
 
+from bench.clients import ClientThreads  # noqa: E402
 from bench.servers import (  # noqa: E402
     RunningServer,
     ServerStartError,
@@ -167,9 +168,10 @@ class Sample:
         return self.done - self.sent
 
 
-class Load:
-    """``threads`` client threads sending pool requests to ``url``/predict, each pausing ``pause_s`` between
-    requests, with a ``timeout_s`` client timeout; every answer becomes a :class:`Sample`.
+class Load(ClientThreads[Sample]):
+    """``threads`` client threads (:class:`~bench.clients.ClientThreads`) sending pool requests to
+    ``url``/predict, each pausing ``pause_s`` between requests, with a ``timeout_s`` client timeout; every
+    answer becomes a :class:`Sample` (:func:`post`).
 
     Closed-loop clients stall while the server holds their requests; ``ping_every_s`` adds open-loop
     traffic as well: every that many seconds one single-row request on a fresh connection, whatever the
@@ -179,33 +181,24 @@ class Load:
                  seed: int = 0, matches: Callable[[np.ndarray, np.ndarray], bool] = close_enough,
                  ping_every_s: float = 0.0) -> None:
         self.url, self.pool, self.timeout_s, self.pause_s, self.matches = url, pool, timeout_s, pause_s, matches
-        self.stop_event = threading.Event()
-        self.per_thread: list[list[Sample]] = [[] for _ in range(threads)]
+        self.seed = seed
+        super().__init__(threads, "load", join_timeout_s=timeout_s + 5)
         self.pings: list[Sample] = []
-        self.threads = [threading.Thread(target=self._client, args=(i, seed), name=f"load-{i}", daemon=True)
-                        for i in range(threads)]
         if ping_every_s > 0:
             self.threads.append(threading.Thread(target=self._pinger, args=(ping_every_s,), name="pinger",
                                                  daemon=True))
         self._ping_threads: list[threading.Thread] = []
 
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def stop(self) -> None:
-        self.stop_event.set()
-        for thread in self.threads + self._ping_threads:
-            thread.join(self.timeout_s + 5)
+        """Stop the client threads and the pinger, and wait for the pings in flight."""
+        super().stop()
+        for thread in list(self._ping_threads):
+            thread.join(self.join_timeout_s)
 
     @property
     def samples(self) -> list[Sample]:
         """Every request so far (the pings included), in the order they were sent."""
-        return sorted([s for per in self.per_thread for s in list(per)] + list(self.pings), key=lambda s: s.sent)
+        return sorted(self.collected() + list(self.pings), key=lambda s: s.sent)
 
     def first_ok_after(self, since: float, timeout: float) -> float | None:
         """Monotonic time of the first 200 answer to a request sent at or after ``since``, waiting up to
@@ -223,12 +216,12 @@ class Load:
 
         return wait_for(find, timeout, interval=0.01)
 
-    def _client(self, index: int, seed: int) -> None:
-        rng = random.Random(seed * 1000 + index)
+    def _client(self, index: int) -> None:
+        rng = random.Random(self.seed * 1000 + index)
         samples = self.per_thread[index]
-        with httpx.Client(timeout=self.timeout_s, headers={"Content-Type": "application/json"}) as client:
+        with self._http_client() as client:
             while not self.stop_event.is_set():
-                samples.append(self._request(client, rng.randrange(len(self.pool.bodies))))
+                samples.append(post(client, self.url, self.pool, rng.randrange(len(self.pool.bodies)), self.matches))
                 if self.pause_s:
                     self.stop_event.wait(self.pause_s)
 
@@ -239,40 +232,51 @@ class Load:
             thread.start()
 
     def _ping(self) -> None:
-        with httpx.Client(timeout=self.timeout_s, headers={"Content-Type": "application/json"}) as client:
-            self.pings.append(self._request(client, 0))  # pool entry 0 is a single row
+        with self._http_client() as client:
+            self.pings.append(post(client, self.url, self.pool, 0, self.matches))  # pool entry 0 is a single row
 
-    def _request(self, client: httpx.Client, i: int) -> Sample:
-        rows = len(self.pool.inputs[i])
-        sent = time.monotonic()
-        try:
-            response = client.post(self.url + "/predict", content=self.pool.bodies[i])
-        except httpx.TimeoutException:
-            return Sample(sent, time.monotonic(), rows, None, error="timeout")
-        except httpx.HTTPError as exc:
-            return Sample(sent, time.monotonic(), rows, None, error=type(exc).__name__)
-        return self._judge(i, sent, time.monotonic(), response)
+    def _http_client(self) -> httpx.Client:
+        return httpx.Client(timeout=self.timeout_s, headers={"Content-Type": "application/json"})
 
-    def _judge(self, i: int, sent: float, done: float, response: httpx.Response) -> Sample:
-        rows, code = len(self.pool.inputs[i]), response.status_code
-        if code == 503:
-            problem = None if response.headers.get("retry-after") else "503 without Retry-After"
-            return Sample(sent, done, rows, code, problem=problem)
-        if code != 200:
-            return Sample(sent, done, rows, code, problem=f"HTTP {code}: {response.text[:200]}")
-        try:
-            body = response.json()
-            version = body["model_version"]
-            actual = np.asarray([body["output"]] if self.pool.single[i] else body["outputs"], dtype=np.float64)
-        except (ValueError, KeyError, TypeError) as exc:
-            return Sample(sent, done, rows, code, problem=f"bad body ({exc}): {response.text[:200]}")
-        expected = self.pool.expected.get(version)
-        if expected is None:
-            return Sample(sent, done, rows, code, version, problem=f"version {version} not expected")
-        if not self.matches(actual, expected[i]):
-            return Sample(sent, done, rows, code, version, problem=f"version {version}: outputs differ from the "
-                                                                   f"reference for pool entry {i}")
-        return Sample(sent, done, rows, code, version)
+
+def post(client: httpx.Client, url: str, pool: Pool, i: int,
+         matches: Callable[[np.ndarray, np.ndarray], bool] = close_enough) -> Sample:
+    """Send pool entry ``i`` to ``url``/predict on ``client`` and judge the answer (:func:`judge`); a request
+    without an HTTP answer is a Sample with ``error`` "timeout" or the exception's class name."""
+    rows = len(pool.inputs[i])
+    sent = time.monotonic()
+    try:
+        response = client.post(url + "/predict", content=pool.bodies[i])
+    except httpx.TimeoutException:
+        return Sample(sent, time.monotonic(), rows, None, error="timeout")
+    except httpx.HTTPError as exc:
+        return Sample(sent, time.monotonic(), rows, None, error=type(exc).__name__)
+    return judge(pool, i, sent, time.monotonic(), response, matches)
+
+
+def judge(pool: Pool, i: int, sent: float, done: float, response: httpx.Response,
+          matches: Callable[[np.ndarray, np.ndarray], bool] = close_enough) -> Sample:
+    """The Sample of an HTTP answer to pool entry ``i``: a 503 must have Retry-After; a 200 must name a version
+    the pool expects and carry its outputs (``matches(actual, expected)``); any other status is a problem."""
+    rows, code = len(pool.inputs[i]), response.status_code
+    if code == 503:
+        problem = None if response.headers.get("retry-after") else "503 without Retry-After"
+        return Sample(sent, done, rows, code, problem=problem)
+    if code != 200:
+        return Sample(sent, done, rows, code, problem=f"HTTP {code}: {response.text[:200]}")
+    try:
+        body = response.json()
+        version = body["model_version"]
+        actual = np.asarray([body["output"]] if pool.single[i] else body["outputs"], dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as exc:
+        return Sample(sent, done, rows, code, problem=f"bad body ({exc}): {response.text[:200]}")
+    expected = pool.expected.get(version)
+    if expected is None:
+        return Sample(sent, done, rows, code, version, problem=f"version {version} not expected")
+    if not matches(actual, expected[i]):
+        return Sample(sent, done, rows, code, version, problem=f"version {version}: outputs differ from the "
+                                                               f"reference for pool entry {i}")
+    return Sample(sent, done, rows, code, version)
 
 
 @dataclass
