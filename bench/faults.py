@@ -473,14 +473,32 @@ def publish(path: Path, seed: int) -> str:
     return file_version(path)
 
 
-class Bench:
-    """Starts one server per scenario in a scratch folder and always stops it."""
+def publish_and_roll_back(server: RunningServer, weights: Path, token: str) -> str:
+    """Publish a second version over ``weights``, wait until both of the server's 2 workers serve it,
+    ``POST /admin/rollback`` (bearer ``token``) and wait until both serve the first again; returns the first
+    version. FaultError when a step does not happen (within 30 s each)."""
+    url, first = server.url, file_version(weights)
+    second = publish(weights, seed=4242)
+    if not wait_for(lambda: full_pool(url, server.pid, 2, second), 30):
+        raise FaultError(f"version {second} was never served by both workers")
+    response = httpx.post(url + "/admin/rollback", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    if response.status_code != 202:
+        raise FaultError(f"POST /admin/rollback answered {response.status_code}")
+    if not wait_for(lambda: full_pool(url, server.pid, 2, first), 30):
+        raise FaultError(f"the rollback to {first} was never served by both workers")
+    return first
+
+
+class Runner:
+    """Runs one scenario at a time: a server of its own in a scratch folder, on a copy of the weights, under
+    :class:`Load`; always stops the server; prints progress and returns the scenario's :class:`Result`."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args, self.workdir = args, workdir
-        self.rng = random.Random(args.seed)
+        self.rng = random.Random(args.seed)  # the scenarios draw from it too
 
     def server(self, name: str, weights: Path, env: dict[str, str]) -> RunningServer:
+        """``python -m serve`` on ``weights`` with ``env``, ready (stopped again if it never gets there)."""
         state = self.workdir / f"state-{name}"
         spec = serve_spec(name, {"SIMPLENN_WEIGHTS": str(weights), "SIMPLENN_STATE_DIR": str(state), **env},
                           ready_timeout_s=120)
@@ -494,16 +512,19 @@ class Bench:
         return server
 
     def weights(self, name: str) -> Path:
+        """A copy of ``--weights`` for scenario ``name``: ``<workdir>/weights-<name>/model.pth``."""
         path = self.workdir / f"weights-{name}" / "model.pth"
         path.parent.mkdir()
         shutil.copyfile(self.args.weights, path)
         return path
 
     def load(self, url: str, pool: Pool) -> Load:
+        """The load of the command line's ``--threads``, ``--timeout`` and ``--pause``, seeded from the rng."""
         return Load(url, pool, threads=self.args.threads, timeout_s=self.args.timeout, pause_s=self.args.pause,
                     seed=self.rng.randrange(1 << 30))
 
     def pool_for(self, *weights: Path) -> Pool:
+        """A request pool whose answers may carry the versions of these weights files only."""
         pool = Pool(seed=self.args.seed)
         for path in weights:
             pool.add_version(file_version(path), reference_model(path))
@@ -511,6 +532,9 @@ class Bench:
 
     def run(self, name: str, env: dict[str, str], act: Callable[[RunningServer, Load, Path], list[Kill]],
             expected_kills: int, before: Callable[[RunningServer, Path], list[Path]] | None = None) -> Result:
+        """Scenario ``name``: start its server with ``env``, call ``before(server, weights)`` (the weights whose
+        versions answers may carry; default the copy it serves), start the load, ``act`` (the faults), let the
+        load go on a second, stop everything and count."""
         weights = self.weights(name)
         print(f"-- {name}", flush=True)
         started = time.monotonic()
@@ -532,27 +556,34 @@ class Bench:
         finally:
             server.stop()
         counts = Counts.of(load.samples) if load is not None else Counts()
-        result = Result(name, kills, counts, self.args.wedge_s, expected_kills, notes)
         print(f"   {len(kills)} faults, {counts.requests} requests, {time.monotonic() - started:.0f} s; "
               f"log: {server.log_path}", flush=True)
         for line in sorted(set(counts.problems))[:5] + notes:
             print(f"   problem: {line}", flush=True)
-        return result
+        return Result(name, kills, counts, self.args.wedge_s, expected_kills, notes)
 
-    # -- scenarios ----------------------------------------------------------------------------------------
+
+class Scenarios:
+    """The scenarios of ``--scenarios``, each one :meth:`Runner.run` with its server settings and its faults."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner, self.args, self.rng = runner, runner.args, runner.rng
+
     def workers(self, workers: int) -> Result:
+        """SIGKILL a random one of ``workers`` inference workers ``--kills`` times."""
         a = self.args
-        return self.run(f"worker-sigkill-w{workers}", {"SIMPLENN_WORKERS": str(workers)},
-                        lambda server, load, _: kill_workers(server.url, server.pid, load, a.kills, workers,
-                                                             self.rng, gap=a.gap, wedge_s=a.wedge_s),
-                        a.kills)
+        return self.runner.run(f"worker-sigkill-w{workers}", {"SIMPLENN_WORKERS": str(workers)},
+                               lambda server, load, _: kill_workers(server.url, server.pid, load, a.kills, workers,
+                                                                    self.rng, gap=a.gap, wedge_s=a.wedge_s),
+                               a.kills)
 
     def api(self) -> Result:
+        """SIGKILL a random one of 2 API servers ``--api-kills`` times."""
         a = self.args
-        return self.run("api-sigkill", {"SIMPLENN_API_SERVERS": "2"},
-                        lambda server, load, _: kill_api_servers(server.url, server.pid, load, a.api_kills, 2,
-                                                                 self.rng, gap=a.gap, wedge_s=a.wedge_s),
-                        a.api_kills)
+        return self.runner.run("api-sigkill", {"SIMPLENN_API_SERVERS": "2"},
+                               lambda server, load, _: kill_api_servers(server.url, server.pid, load, a.api_kills,
+                                                                        2, self.rng, gap=a.gap, wedge_s=a.wedge_s),
+                               a.api_kills)
 
     def hang(self, workers: int) -> Result:
         """SIGSTOP workers: each held request makes an API server's watchdog kill the stopped one."""
@@ -579,7 +610,7 @@ class Bench:
                 time.sleep(self.rng.uniform(*a.gap))
             return kills
 
-        result = self.run(name, {**env, "SIMPLENN_HANG_TIMEOUT_S": str(a.hang_timeout)}, act, a.stops)
+        result = self.runner.run(name, {**env, "SIMPLENN_HANG_TIMEOUT_S": str(a.hang_timeout)}, act, a.stops)
         for kill in result.kills:
             if kill.died_s is None or kill.died_s > a.hang_timeout + 2.5:
                 result.notes.append(f"stopped {what} {kill.pid} gone after {kill.died_s} s "
@@ -587,21 +618,14 @@ class Bench:
         return result
 
     def rollback(self) -> Result:
+        """2 workers: publish a second version, roll back, then SIGKILL one worker and then both
+        ``--rollback-rounds`` times; every answer must carry the first version."""
         a = self.args
         token = "bench-faults"
         first: dict[str, str] = {}
 
         def before(server: RunningServer, weights: Path) -> list[Path]:
-            url = server.url
-            first["version"] = file_version(weights)
-            second = publish(weights, seed=4242)
-            if not wait_for(lambda: full_pool(url, server.pid, 2, second), 30):
-                raise FaultError(f"version {second} was never served by both workers")
-            response = httpx.post(url + "/admin/rollback", headers={"Authorization": f"Bearer {token}"}, timeout=5)
-            if response.status_code != 202:
-                raise FaultError(f"POST /admin/rollback answered {response.status_code}")
-            if not wait_for(lambda: full_pool(url, server.pid, 2, first["version"]), 30):
-                raise FaultError(f"the rollback to {first['version']} was never served by both workers")
+            first["version"] = publish_and_roll_back(server, weights, token)
             return [a.weights]  # answers must carry the first version (the original file's) only
 
         def act(server: RunningServer, load: Load, _: Path) -> list[Kill]:
@@ -612,8 +636,9 @@ class Bench:
                                       victims=victims)
             return kills
 
-        return self.run("rollback-then-sigkill-w2", {"SIMPLENN_WORKERS": "2", "SIMPLENN_ADMIN_TOKEN": token},
-                        act, 3 * a.rollback_rounds, before=before)
+        return self.runner.run("rollback-then-sigkill-w2",
+                               {"SIMPLENN_WORKERS": "2", "SIMPLENN_ADMIN_TOKEN": token},
+                               act, 3 * a.rollback_rounds, before=before)
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -667,7 +692,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="simplenn-faults-"))
-    bench = Bench(args, workdir)
+    bench = Scenarios(Runner(args, workdir))
     results: list[Result] = []
     started = time.monotonic()
     try:
