@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # as a script: import models
 
+from bench.clients import ClientThreads  # noqa: E402
 from bench.servers import HOST, RunningServer, cmdline, process_tree, serve_spec  # noqa: E402
 from models.simple_nn import SimpleNN  # noqa: E402
 from serve.versions import version_of  # noqa: E402
@@ -198,68 +199,36 @@ class Sample:
     problem: str | None  # why this answer counts as an error, None when it is good
 
 
-class Load:
-    """``clients`` threads, each with one keep-alive connection, sending ``{"input": row}`` to /predict at
-    ``rate / clients`` requests per second each (``rate`` 0: as fast as answers come)."""
+class Load(ClientThreads[Sample]):
+    """``clients`` threads (:class:`~bench.clients.ClientThreads`), each with one keep-alive connection,
+    sending ``{"input": row}`` to /predict at ``rate / clients`` requests per second each (``rate`` 0: as fast
+    as answers come), each answer judged by :func:`exchange`. ``first_seen``: version -> monotonic time of
+    its first good answer."""
 
     def __init__(self, port: int, clients: int, rate: float, versions: dict[str, Version]) -> None:
         self.port = port
         self.clients = clients
         self.interval = clients / rate if rate > 0 else 0.0
         self.versions = versions  # every version published so far, by id (read by the threads)
-        self.samples: list[list[Sample]] = [[] for _ in range(clients)]
         self.first_seen: dict[str, float] = {}  # version -> monotonic time of its first answer
-        self.stop_event = threading.Event()
         rng = np.random.default_rng(7)
         self.rows = rng.standard_normal((clients, FEATURES)).astype(np.float32)
-        self.threads = [threading.Thread(target=self._client, args=(i,), name=f"client-{i}", daemon=True)
-                        for i in range(clients)]
-
-    def start(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=35)
+        super().__init__(clients, "client", join_timeout_s=35)
 
     def _client(self, index: int) -> None:
         row = self.rows[index]
         body = json.dumps({"input": row.tolist()}).encode()
-        samples = self.samples[index]
+        samples = self.per_thread[index]
         conn: http.client.HTTPConnection | None = None
-        next_send = time.monotonic()
+        pacer = Pacer(self.interval, self.stop_event)
         while not self.stop_event.is_set():
-            if self.interval:
-                delay = next_send - time.monotonic()
-                if delay > 0 and self.stop_event.wait(delay):
-                    break
-                next_send = max(next_send + self.interval, time.monotonic() - self.interval)
+            if not pacer.wait():
+                break
             if conn is None:
                 conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
             sent = time.monotonic()
-            status, version, problem = 0, None, None
-            try:
-                conn.request("POST", "/predict", body=body, headers={"Content-Type": "application/json"})
-                response = conn.getresponse()
-                payload = response.read()
-                status = response.status
-                if status != 200:
-                    problem = f"HTTP {status}: {payload[:200]!r}"
-                else:
-                    answer = json.loads(payload)
-                    version = answer["model_version"]
-                    known = self.versions.get(version)
-                    if known is None:
-                        problem = f"unknown version {version}"
-                    else:
-                        expected = known.expected(row)
-                        if not abs(answer["output"] - expected) <= 1e-5 + 1e-5 * abs(expected):
-                            problem = f"version {version}: output {answer['output']} != {expected}"
-            except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
-                problem = f"no answer: {type(exc).__name__}: {exc}"
+            status, version, problem, reusable = exchange(conn, body, row, self.versions)
+            if not reusable:
                 conn.close()
                 conn = None
             done = time.monotonic()
@@ -270,7 +239,8 @@ class Load:
             conn.close()
 
     def all_samples(self) -> list[Sample]:
-        return [s for per_client in self.samples for s in list(per_client)]
+        """Every request so far, client by client."""
+        return self.collected()
 
     def wait_for(self, version: str, timeout: float) -> float | None:
         """Monotonic time of the first answer carrying ``version``, or None after ``timeout`` seconds."""
@@ -281,6 +251,52 @@ class Load:
                 return seen
             time.sleep(0.002)
         return None
+
+
+class Pacer:
+    """One client's send times, ``interval`` seconds apart (0: no pacing); a client that falls behind sends
+    at once, catching up at most one interval's worth."""
+
+    def __init__(self, interval: float, stop_event: threading.Event) -> None:
+        self.interval, self.stop_event = interval, stop_event
+        self.next_send = time.monotonic()
+
+    def wait(self) -> bool:
+        """Wait until the next send time; False when ``stop_event`` was set meanwhile."""
+        if not self.interval:
+            return True
+        delay = self.next_send - time.monotonic()
+        if delay > 0 and self.stop_event.wait(delay):
+            return False
+        self.next_send = max(self.next_send + self.interval, time.monotonic() - self.interval)
+        return True
+
+
+def exchange(conn: http.client.HTTPConnection, body: bytes, row: np.ndarray,
+             versions: Mapping[str, Version]) -> tuple[int, str | None, str | None, bool]:
+    """POST ``body`` (``{"input": row}``) to /predict on ``conn`` and judge the answer: (HTTP status, 0 for
+    none; the version it names; why it is an error, None when it is good; whether ``conn`` may be used
+    again). An error is a status other than 200, no answer, an unknown version, or an output that differs
+    from ``versions[version]``'s for ``row``."""
+    status, version = 0, None
+    try:
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = response.read()
+        status = response.status
+        if status != 200:
+            return status, version, f"HTTP {status}: {payload[:200]!r}", True
+        answer = json.loads(payload)
+        version = answer["model_version"]
+        known = versions.get(version)
+        if known is None:
+            return status, version, f"unknown version {version}", True
+        expected = known.expected(row)
+        if not abs(answer["output"] - expected) <= 1e-5 + 1e-5 * abs(expected):
+            return status, version, f"version {version}: output {answer['output']} != {expected}", True
+    except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+        return status, version, f"no answer: {type(exc).__name__}: {exc}", False
+    return status, version, None, True
 
 
 def percentile(values: list[float], q: float) -> float | None:
