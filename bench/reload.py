@@ -104,6 +104,23 @@ def publish(path: Path, seed: int) -> tuple[float, Version]:
     return renamed, version
 
 
+class Publisher:
+    """New weights over one live file, one seed after the other (``next()``), and every version so far by id
+    (``versions``, which a :class:`Load` reads to judge answers): the file's own version to begin with."""
+
+    def __init__(self, weights: Path, seed: int) -> None:
+        self.weights, self.seed = weights, seed
+        initial = load_version(weights)
+        self.versions: dict[str, Version] = {initial.version: initial}
+
+    def next(self) -> tuple[float, Version]:
+        """:func:`publish` the next seed's weights: (monotonic time of the rename, its Version)."""
+        self.seed += 1
+        renamed, version = publish(self.weights, self.seed)
+        self.versions[version.version] = version
+        return renamed, version
+
+
 # -- the server and its processes -----------------------------------------------------------------------
 
 
@@ -185,6 +202,26 @@ class Server(RunningServer):
 def _role_order(role: str) -> tuple[int, str]:
     order = ["main", "manager", "worker", "api", "resource-tracker"]
     return next((i for i, prefix in enumerate(order) if role.startswith(prefix)), len(order)), role
+
+
+def start_server(prefix: str, args: argparse.Namespace, env: dict[str, str]) -> tuple[Path, Path, Server]:
+    """A scratch folder (``<prefix>...`` in the temporary directory), a copy of ``args.weights`` in it
+    (``live/model.pth``), and a :class:`Server` launched on that copy with ``env`` and ``args.server_args``:
+    (folder, weights, server). The caller waits for it to be ready and always stops it."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    weights = workdir / "live" / "model.pth"
+    weights.parent.mkdir()
+    shutil.copyfile(args.weights, weights)
+    return workdir, weights, Server(workdir, weights, env, args.server_args.split() if args.server_args else None)
+
+
+def start_load(server: Server, weights: Path, args: argparse.Namespace, seed: int) -> tuple[Publisher, Load]:
+    """Once ``server`` is ready: half a second for every API server to be up, then a :class:`Publisher` on
+    ``weights`` from ``seed`` and the started :class:`Load` of ``args.clients`` and ``args.rate`` judging by
+    its versions."""
+    time.sleep(0.5)  # all API servers up
+    publisher = Publisher(weights, seed)
+    return publisher, Load(server.port, args.clients, args.rate, publisher.versions).start()
 
 
 # -- the load ---------------------------------------------------------------------------------------------
@@ -377,75 +414,85 @@ def rss_table(before: dict[str, dict], after: dict[str, dict]) -> list[dict[str,
     return rows
 
 
+@dataclass
+class RssRun:
+    """The RSS phase: snapshots before and after ``swaps`` back-to-back swaps (``unserved`` of them never
+    served), whether ``--max-seconds`` cut it short, the total RSS every fifth of the way, and its seconds."""
+
+    before: dict[str, dict]
+    after: dict[str, dict] = field(default_factory=dict)
+    swaps: int = 0
+    unserved: int = 0
+    capped: bool = False
+    trend: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def timed_swaps(publisher: Publisher, load: Load, args: argparse.Namespace) -> list[Swap]:
+    """``args.swaps`` swaps, each waited for (up to ``args.swap_timeout_s``) and followed by ``args.gap_s``."""
+    swaps: list[Swap] = []
+    print(f"{args.swaps} swaps, {args.gap_s:.1f} s apart ...", flush=True)
+    for _ in range(args.swaps):
+        renamed, version = publisher.next()
+        swap = Swap(version.version, renamed)
+        swaps.append(swap)
+        swap.first_answer = load.wait_for(version.version, args.swap_timeout_s)
+        if swap.first_answer is None:
+            print(f"  version {version.version} not served after {args.swap_timeout_s:.0f} s", flush=True)
+        time.sleep(args.gap_s)
+    return swaps
+
+
+def rss_swaps(server: Server, publisher: Publisher, load: Load, args: argparse.Namespace,
+              deadline: Deadline) -> RssRun:
+    """RSS before and after ``args.rss_swaps`` back-to-back swaps (fewer when ``deadline`` runs out)."""
+    run = RssRun(server.snapshot())
+    started = time.monotonic()
+    print(f"{args.rss_swaps} back-to-back swaps for RSS ...", flush=True)
+    for index in range(args.rss_swaps):
+        if deadline.left() < args.swap_timeout_s + 10:
+            run.capped = True
+            print(f"  stopping after {index} swaps: --max-seconds {args.max_seconds:.0f} reached", flush=True)
+            break
+        _, version = publisher.next()
+        if load.wait_for(version.version, args.swap_timeout_s) is None:
+            run.unserved += 1
+        run.swaps += 1
+        if run.swaps % max(1, args.rss_swaps // 5) == 0:
+            total = sum(v["rss_kib"] or 0 for v in server.snapshot().values())
+            run.trend.append({"swaps": run.swaps, "total_rss_mib": round(total / 1024, 1),
+                              "seconds": round(time.monotonic() - started, 1)})
+            print(f"  {run.swaps} swaps, total RSS {total / 1024:.1f} MiB", flush=True)
+    run.seconds = time.monotonic() - started
+    time.sleep(1.0)
+    run.after = server.snapshot()
+    return run
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole run (see the module's docstring): the result as :func:`write_json` writes it, with the
+    server's log under ``server_log``."""
     deadline = Deadline(args.max_seconds)
-    workdir = Path(tempfile.mkdtemp(prefix="simplenn-reload-"))
-    weights = workdir / "live" / "model.pth"
-    weights.parent.mkdir()
-    shutil.copyfile(args.weights, weights)
     env = {"SIMPLENN_LOG_LEVEL": "info", "SIMPLENN_WORKERS": str(args.workers)}
     if args.poll_interval is not None:
         env["SIMPLENN_POLL_INTERVAL_S"] = str(args.poll_interval)
     if args.debounce is not None:
         env["SIMPLENN_RELOAD_DEBOUNCE_S"] = str(args.debounce)
-    server = Server(workdir, weights, env, args.server_args.split() if args.server_args else None)
+    workdir, weights, server = start_server("simplenn-reload-", args, env)
     load: Load | None = None
-    result: dict[str, Any] = {}
     try:
         startup = server.wait_ready().startup_s
-        time.sleep(0.5)  # all API servers up
-        initial = load_version(weights)
-        versions = {initial.version: initial}
-        load = Load(server.port, args.clients, args.rate, versions).start()
+        publisher, load = start_load(server, weights, args, seed=1000)
         time.sleep(args.warmup_s)
         print(f"server up in {startup:.1f} s (pid {server.pid}); steady state for {args.steady_s:.0f} s ...",
               flush=True)
         steady_from = time.monotonic()
         time.sleep(args.steady_s)
         steady_to = time.monotonic()
-
-        # 1 + 2: reload time and latency around swaps
-        swaps: list[Swap] = []
-        seed = 1000
-        print(f"{args.swaps} swaps, {args.gap_s:.1f} s apart ...", flush=True)
-        for _ in range(args.swaps):
-            seed += 1
-            renamed, version = publish(weights, seed)
-            versions[version.version] = version
-            swap = Swap(version.version, renamed)
-            swaps.append(swap)
-            swap.first_answer = load.wait_for(version.version, args.swap_timeout_s)
-            if swap.first_answer is None:
-                print(f"  version {version.version} not served after {args.swap_timeout_s:.0f} s", flush=True)
-            time.sleep(args.gap_s)
-
-        # 3: RSS before and after many back-to-back swaps
+        swaps = timed_swaps(publisher, load, args)  # 1 + 2: reload time and latency around swaps
         time.sleep(1.0)
         timed_end = time.monotonic()
-        rss_before = server.snapshot()
-        rss_swaps, rss_unserved, capped = 0, 0, False
-        trend: list[dict[str, Any]] = []
-        rss_started = time.monotonic()
-        print(f"{args.rss_swaps} back-to-back swaps for RSS ...", flush=True)
-        for index in range(args.rss_swaps):
-            if deadline.left() < args.swap_timeout_s + 10:
-                capped = True
-                print(f"  stopping after {index} swaps: --max-seconds {args.max_seconds:.0f} reached", flush=True)
-                break
-            seed += 1
-            renamed, version = publish(weights, seed)
-            versions[version.version] = version
-            if load.wait_for(version.version, args.swap_timeout_s) is None:
-                rss_unserved += 1
-            rss_swaps += 1
-            if rss_swaps % max(1, args.rss_swaps // 5) == 0:
-                total = sum(v["rss_kib"] or 0 for v in server.snapshot().values())
-                trend.append({"swaps": rss_swaps, "total_rss_mib": round(total / 1024, 1),
-                              "seconds": round(time.monotonic() - rss_started, 1)})
-                print(f"  {rss_swaps} swaps, total RSS {total / 1024:.1f} MiB", flush=True)
-        rss_seconds = time.monotonic() - rss_started
-        time.sleep(1.0)
-        rss_after = server.snapshot()
+        rss = rss_swaps(server, publisher, load, args, deadline)  # 3: RSS before and after many swaps
         load.stop()
         samples = load.all_samples()
         alive = server.alive()
@@ -454,54 +501,69 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             load.stop()
         code = server.stop()
     settle_times(swaps, samples, timed_end)
-
-    # Steady state: the swap-free period, plus the quiet part between one swap's window and the next
-    # rename (interleaved, so drift in the machine's other load hits both sides alike).
-    steady = [s for s in samples if steady_from <= s.sent < steady_to]
-    windows: list[Sample] = []
-    for index, swap in enumerate(swaps):
-        end = (swap.first_answer or swap.renamed + args.swap_timeout_s) + args.window_after_s
-        windows.extend(s for s in samples if swap.renamed <= s.sent < end)
-        quiet_to = swaps[index + 1].renamed if index + 1 < len(swaps) else timed_end
-        steady.extend(s for s in samples if end <= s.sent < quiet_to)
-    first = [s.first_s for s in swaps if s.first_s is not None]
-    every = [s.all_s for s in swaps if s.all_s is not None]
-    steady_lat, swap_lat = latency_summary(steady), latency_summary(windows)
-    ratio = (swap_lat["p99_ms"] / steady_lat["p99_ms"]) if steady_lat["p99_ms"] and swap_lat["p99_ms"] else None
-    ratio999 = (swap_lat["p999_ms"] / steady_lat["p999_ms"]) if steady_lat["p999_ms"] and swap_lat["p999_ms"] else None
-    total_before = sum(v["rss_kib"] or 0 for v in rss_before.values())
-    total_after = sum(v["rss_kib"] or 0 for v in rss_after.values())
     result = {
         "kind": "reload",
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "server": {"startup_s": round(startup, 2), "alive_at_end": alive, "exit_code": code,
-                   "processes_at_end": rss_after and list(rss_after)},
-        "reload": {
-            "swaps": len(swaps), "served": len(first), "not_served": len(swaps) - len(first),
-            "first_answer_ms": {"p50": _ms(percentile(first, 50)), "p99": _ms(percentile(first, 99)),
-                                "min": _ms(min(first, default=None)), "max": _ms(max(first, default=None))},
-            "every_answer_ms": {"p50": _ms(percentile(every, 50)), "p99": _ms(percentile(every, 99)),
-                                "max": _ms(max(every, default=None))},
-            "per_swap_ms": [_ms(s.first_s) for s in swaps],
-        },
-        "latency": {"steady": steady_lat, "during_swaps": swap_lat, "p99_ratio": _round(ratio, 2),
-                    "p999_ratio": _round(ratio999, 2),
-                    "window": f"from each rename to {args.window_after_s:.1f} s after its first new-version answer",
-                    "steady_is": f"the {args.steady_s:.0f} s before the first swap and the time between windows"},
-        "rss": {"swaps": rss_swaps, "not_served": rss_unserved, "capped_by_max_seconds": capped,
-                "seconds": round(rss_seconds, 1), "per_process": rss_table(rss_before, rss_after),
-                "total_before_mib": round(total_before / 1024, 1), "total_after_mib": round(total_after / 1024, 1),
-                "total_growth_pct": (round(100 * (total_after - total_before) / total_before, 2)
-                                     if total_before else None),
-                "trend": trend, "before": rss_before, "after": rss_after},
+                   "processes_at_end": rss.after and list(rss.after)},
+        "reload": reload_part(swaps),
+        "latency": latency_part(samples, swaps, (steady_from, steady_to), timed_end, args),
+        "rss": rss_part(rss),
         "requests": error_summary(samples) | {
             "seconds": round(samples[-1].sent - samples[0].sent, 1) if samples else 0},
     }
     result["server_log"] = server.log_path.read_text(errors="replace")  # written next to the JSON, then dropped
     shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def reload_part(swaps: list[Swap]) -> dict[str, Any]:
+    """The result's ``reload``: swaps served, and the times from rename to the first and to every answer."""
+    first = [s.first_s for s in swaps if s.first_s is not None]
+    every = [s.all_s for s in swaps if s.all_s is not None]
+    return {
+        "swaps": len(swaps), "served": len(first), "not_served": len(swaps) - len(first),
+        "first_answer_ms": {"p50": _ms(percentile(first, 50)), "p99": _ms(percentile(first, 99)),
+                            "min": _ms(min(first, default=None)), "max": _ms(max(first, default=None))},
+        "every_answer_ms": {"p50": _ms(percentile(every, 50)), "p99": _ms(percentile(every, 99)),
+                            "max": _ms(max(every, default=None))},
+        "per_swap_ms": [_ms(s.first_s) for s in swaps],
+    }
+
+
+def latency_part(samples: list[Sample], swaps: list[Swap], steady_span: tuple[float, float], timed_end: float,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """The result's ``latency``: requests around swaps against steady ones. Steady state is the swap-free
+    ``steady_span``, plus the quiet part between one swap's window and the next rename (interleaved, so
+    drift in the machine's other load hits both sides alike); ``timed_end`` ends the last swap's."""
+    steady = [s for s in samples if steady_span[0] <= s.sent < steady_span[1]]
+    windows: list[Sample] = []
+    for index, swap in enumerate(swaps):
+        end = (swap.first_answer or swap.renamed + args.swap_timeout_s) + args.window_after_s
+        windows.extend(s for s in samples if swap.renamed <= s.sent < end)
+        quiet_to = swaps[index + 1].renamed if index + 1 < len(swaps) else timed_end
+        steady.extend(s for s in samples if end <= s.sent < quiet_to)
+    steady_lat, swap_lat = latency_summary(steady), latency_summary(windows)
+    ratio = (swap_lat["p99_ms"] / steady_lat["p99_ms"]) if steady_lat["p99_ms"] and swap_lat["p99_ms"] else None
+    ratio999 = (swap_lat["p999_ms"] / steady_lat["p999_ms"]) if steady_lat["p999_ms"] and swap_lat["p999_ms"] else None
+    return {"steady": steady_lat, "during_swaps": swap_lat, "p99_ratio": _round(ratio, 2),
+            "p999_ratio": _round(ratio999, 2),
+            "window": f"from each rename to {args.window_after_s:.1f} s after its first new-version answer",
+            "steady_is": f"the {args.steady_s:.0f} s before the first swap and the time between windows"}
+
+
+def rss_part(rss: RssRun) -> dict[str, Any]:
+    """The result's ``rss``: per process and in total, before and after the RSS phase, with growth."""
+    total_before = sum(v["rss_kib"] or 0 for v in rss.before.values())
+    total_after = sum(v["rss_kib"] or 0 for v in rss.after.values())
+    return {"swaps": rss.swaps, "not_served": rss.unserved, "capped_by_max_seconds": rss.capped,
+            "seconds": round(rss.seconds, 1), "per_process": rss_table(rss.before, rss.after),
+            "total_before_mib": round(total_before / 1024, 1), "total_after_mib": round(total_after / 1024, 1),
+            "total_growth_pct": (round(100 * (total_after - total_before) / total_before, 2)
+                                 if total_before else None),
+            "trend": rss.trend, "before": rss.before, "after": rss.after}
 
 
 def _ms(seconds: float | None) -> float | None:
