@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,14 @@ from bench.reload import (
     ROOT,
     SHIPPED_WEIGHTS,
     Load,
+    Publisher,
+    Sample,
     Server,
     error_summary,
     latency_summary,
-    load_version,
-    publish,
     sigterm_as_interrupt,
+    start_load,
+    start_server,
     torch,
     write_json,
 )
@@ -56,59 +57,66 @@ def slope_per_minute(times: list[float], values: list[float]) -> float | None:
     return float(np.polyfit(times, values, 1)[0] * 60)
 
 
+class Sampler:
+    """The per-interval samples of a soak: each ``take(now)`` records, for the requests sent since the last
+    one, ok and errors and p99, and a snapshot of the server's processes, and prints a line of the table."""
+
+    def __init__(self, server: Server, load: Load, published: list[tuple[float, str]], started: float) -> None:
+        self.server, self.load, self.published, self.started = server, load, published, started
+        self.last = started
+        self.intervals: list[dict[str, Any]] = []
+
+    def take(self, now: float) -> None:
+        """Record (and print) the interval from the last sample to ``now``."""
+        snapshot = self.server.snapshot()
+        window = [s for s in self.load.all_samples() if self.last <= s.sent < now]
+        lat, err = latency_summary(window), error_summary(window)
+        self.intervals.append({"t": round(now - self.started, 1), "swaps": len(self.published), "ok": err["ok"],
+                               "errors": err["errors"], "p99_ms": lat["p99_ms"], "processes": snapshot})
+        rss = sum(p["rss_kib"] or 0 for p in snapshot.values()) / 1024
+        fds = sum(p["fds"] or 0 for p in snapshot.values())
+        p99 = "-" if lat["p99_ms"] is None else f"{lat['p99_ms']:.1f} ms"
+        print(f"{now - self.started:>6.0f} {len(self.published):>6} {err['ok']:>8} {err['errors']:>7} {p99:>9} "
+              f"{rss:>7.1f} MiB {fds:>10}  {len(snapshot)}", flush=True)
+        self.last = now
+
+
+def run_soak(publisher: Publisher, sampler: Sampler, args: argparse.Namespace) -> None:
+    """Until ``args.duration`` after the sampler's start: a swap every ``args.swap_every`` seconds (appended to
+    the sampler's ``published``), a sample every ``args.sample_every`` seconds and one at the end."""
+    started = sampler.started
+    next_swap, next_sample = started + args.swap_every, started
+    while True:
+        now = time.monotonic()
+        if now - started >= args.duration:
+            sampler.take(now)
+            break
+        if now >= next_swap:
+            renamed, version = publisher.next()
+            sampler.published.append((renamed, version.version))
+            next_swap += args.swap_every
+        if now >= next_sample:
+            sampler.take(now)
+            next_sample += args.sample_every
+        time.sleep(max(0.0, min(next_swap, next_sample, started + args.duration) - time.monotonic()))
+
+
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="simplenn-soak-"))
-    weights = workdir / "live" / "model.pth"
-    weights.parent.mkdir()
-    shutil.copyfile(args.weights, weights)
+    """The whole soak (see the module's docstring): the result as ``write_json`` writes it, with the server's
+    log under ``server_log``."""
     env = {"SIMPLENN_LOG_LEVEL": "info", "SIMPLENN_WORKERS": str(args.workers)}
-    server = Server(workdir, weights, env, args.server_args.split() if args.server_args else None)
+    workdir, weights, server = start_server("simplenn-soak-", args, env)
     load: Load | None = None
-    intervals: list[dict[str, Any]] = []
     published: list[tuple[float, str]] = []
     try:
         startup = server.wait_ready().startup_s
-        time.sleep(0.5)
-        initial = load_version(weights)
-        versions = {initial.version: initial}
-        load = Load(server.port, args.clients, args.rate, versions).start()
-        started = time.monotonic()
+        publisher, load = start_load(server, weights, args, seed=5000)
+        sampler = Sampler(server, load, published, time.monotonic())
         print(f"server up in {startup:.1f} s (pid {server.pid}); soaking for {args.duration:.0f} s, "
               f"a swap every {args.swap_every:.1f} s, a sample every {args.sample_every:.1f} s", flush=True)
         print(f"{'t':>6} {'swaps':>6} {'ok':>8} {'errors':>7} {'p99':>9} {'RSS total':>11} {'fds total':>10}  procs",
               flush=True)
-        seed, next_swap, next_sample = 5000, started + args.swap_every, started
-        last_sample = started
-
-        def take_sample(now: float) -> None:
-            nonlocal last_sample
-            snapshot = server.snapshot()
-            window = [s for s in load.all_samples() if last_sample <= s.sent < now]
-            lat, err = latency_summary(window), error_summary(window)
-            intervals.append({"t": round(now - started, 1), "swaps": len(published), "ok": err["ok"],
-                              "errors": err["errors"], "p99_ms": lat["p99_ms"], "processes": snapshot})
-            rss = sum(p["rss_kib"] or 0 for p in snapshot.values()) / 1024
-            fds = sum(p["fds"] or 0 for p in snapshot.values())
-            p99 = "-" if lat["p99_ms"] is None else f"{lat['p99_ms']:.1f} ms"
-            print(f"{now - started:>6.0f} {len(published):>6} {err['ok']:>8} {err['errors']:>7} {p99:>9} "
-                  f"{rss:>7.1f} MiB {fds:>10}  {len(snapshot)}", flush=True)
-            last_sample = now
-
-        while True:
-            now = time.monotonic()
-            if now - started >= args.duration:
-                take_sample(now)
-                break
-            if now >= next_swap:
-                seed += 1
-                renamed, version = publish(weights, seed)
-                versions[version.version] = version
-                published.append((renamed, version.version))
-                next_swap += args.swap_every
-            if now >= next_sample:
-                take_sample(now)
-                next_sample += args.sample_every
-            time.sleep(max(0.0, min(next_swap, next_sample, started + args.duration) - time.monotonic()))
+        run_soak(publisher, sampler, args)
         time.sleep(min(3.0, args.swap_every))  # let the last swap be served
         load.stop()
         samples = load.all_samples()
@@ -120,16 +128,25 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         code = server.stop()
         server_log = server.log_path.read_text(errors="replace")
         shutil.rmtree(workdir, ignore_errors=True)
+    server_info = {"startup_s": round(startup, 2), "alive_at_end": alive, "exit_code": code}
+    result = soak_result(args, server_info, sampler.intervals, published, load.first_seen, samples, final)
+    result["server_log"] = server_log
+    return result
 
-    served = sum(1 for _, version in published if version in load.first_seen)
-    reload_s = [load.first_seen[v] - t for t, v in published if v in load.first_seen]
-    per_process = summarize_processes(intervals, final, warmup_s=args.trend_after_s)
+
+def soak_result(args: argparse.Namespace, server_info: dict[str, Any], intervals: list[dict[str, Any]],
+                published: list[tuple[float, str]], first_seen: dict[str, float], samples: list[Sample],
+                final: dict[str, dict]) -> dict[str, Any]:
+    """The result but for the server's log: settings, ``server_info``, swaps published and served, requests,
+    the per-interval p99 range, per-process figures (:func:`summarize_processes`) and the intervals."""
+    served = sum(1 for _, version in published if version in first_seen)
+    reload_s = [first_seen[v] - t for t, v in published if v in first_seen]
     lat_all = latency_summary(samples)
     return {
         "kind": "soak",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "server": {"startup_s": round(startup, 2), "alive_at_end": alive, "exit_code": code},
+        "server": server_info,
         "swaps": {"published": len(published), "served": served,
                   "first_answer_ms_p50": _ms(np.percentile(reload_s, 50)) if reload_s else None,
                   "first_answer_ms_max": _ms(max(reload_s)) if reload_s else None},
@@ -137,9 +154,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                                               "max_ms": lat_all["max_ms"]},
         "interval_p99_ms": {"min": _min([i["p99_ms"] for i in intervals]),
                             "max": _max([i["p99_ms"] for i in intervals])},
-        "per_process": per_process,
+        "per_process": summarize_processes(intervals, final, warmup_s=args.trend_after_s),
         "intervals": intervals,
-        "server_log": server_log,
     }
 
 
