@@ -167,6 +167,23 @@ def choose_servers(listed: Sequence[str] | None, grpc: bool, before: bool, with_
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (:func:`build_parser`), checked, with the servers chosen and the defaults that depend
+    on ``--smoke`` filled in."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.servers = choose_servers(args.servers, args.grpc, args.before is not None, args.peers)
+    if "before" in args.servers and args.before is None:
+        parser.error("--servers before needs --before DIR")
+    if "grpc" in args.servers and "project" not in args.servers:
+        parser.error("grpc measures the project server: add project to --servers")
+    args.duration = args.duration or (1 if args.smoke else 5)
+    args.rounds = args.rounds or (1 if args.smoke else 3)
+    args.idle_s = (1.0 if args.smoke else 20.0) if args.idle_s is None else args.idle_s
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of the command line (see the module's docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 5; smoke 1)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; smoke 1)")
@@ -222,16 +239,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="after the runs, seconds of no traffic over which each server's CPU is measured "
                         "(default 20; smoke 1; 0 skips it)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    args = parser.parse_args(argv)
-    args.servers = choose_servers(args.servers, args.grpc, args.before is not None, args.peers)
-    if "before" in args.servers and args.before is None:
-        parser.error("--servers before needs --before DIR")
-    if "grpc" in args.servers and "project" not in args.servers:
-        parser.error("grpc measures the project server: add project to --servers")
-    args.duration = args.duration or (1 if args.smoke else 5)
-    args.rounds = args.rounds or (1 if args.smoke else 3)
-    args.idle_s = (1.0 if args.smoke else 20.0) if args.idle_s is None else args.idle_s
-    return args
+    return parser
 
 
 def build_scenarios(conns: Sequence[int], rows: Sequence[int], rows_conns: int,
@@ -658,7 +666,21 @@ def record_idle(servers: Mapping[str, RunningServer], info: dict[str, dict[str, 
         info[name]["idle_cpu_pct"] = 100 * (server.cpu_seconds() - before[name]) / seconds
 
 
+def save_and_print(result: dict[str, Any], out: Path, plot: bool) -> None:
+    """Write ``<UTC time>.json`` (and, with ``plot``, the ``.png``) in ``out`` and print the report."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(report.format_report(result))
+    print(f"\nJSON: {json_path}")
+    if plot:
+        png_path = report.plot(result, json_path.with_suffix(".png"))
+        print(f"plot: {png_path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark of the command line ``argv``; the exit status (1 when a server or a run failed)."""
     args = parse_args(argv)
     try:
         wrk = loadgen.find_wrk()
@@ -702,15 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summarize(measurements, scenarios, list(servers)),  # the ones that started
         "measurements": [asdict(m) for m in measurements],
     }
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"{stamp}.json"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(report.format_report(result))
-    print(f"\nJSON: {json_path}")
-    if not args.no_plot:
-        png_path = report.plot(result, json_path.with_suffix(".png"))
-        print(f"plot: {png_path}")
+    save_and_print(result, args.out, plot=not args.no_plot)
     failed = any(e["error"] for e in info.values()) or any(m.failure for m in measurements)
     return 1 if failed else 0
 
