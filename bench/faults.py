@@ -461,16 +461,11 @@ def reference_model(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def publish(path: Path, seed: int) -> str:
-    """A new SimpleNN state_dict (weights drawn from ``seed``) renamed over ``path``; returns its version."""
-    import torch
+    """A new SimpleNN state_dict (weights drawn from ``seed``) renamed over ``path``, written as the reload
+    bench writes its versions (imported here: torch loads only when a fault run publishes); its version."""
+    from bench.reload import publish as publish_weights
 
-    from models.simple_nn import SimpleNN
-
-    torch.manual_seed(seed)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(SimpleNN().state_dict(), tmp)
-    os.replace(tmp, path)
-    return file_version(path)
+    return publish_weights(path, seed)[1].version
 
 
 def publish_and_roll_back(server: RunningServer, weights: Path, token: str) -> str:

@@ -247,7 +247,7 @@ class Load(ClientThreads[Sample]):
         self.clients = clients
         self.interval = clients / rate if rate > 0 else 0.0
         self.versions = versions  # every version published so far, by id (read by the threads)
-        self.first_seen: dict[str, float] = {}  # version -> monotonic time of its first answer
+        self.first_seen: dict[str, float] = {}  # version -> monotonic time of its first good answer
         rng = np.random.default_rng(7)
         self.rows = rng.standard_normal((clients, FEATURES)).astype(np.float32)
         super().__init__(clients, "client", join_timeout_s=35)

@@ -680,7 +680,8 @@ def save_and_print(result: dict[str, Any], out: Path, plot: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark of the command line ``argv``; the exit status (1 when a server or a run failed)."""
+    """Run the benchmark of the command line ``argv``; the exit status (1 when a server or a run failed, 2 when
+    wrk or h2load is missing)."""
     args = parse_args(argv)
     try:
         wrk = loadgen.find_wrk()

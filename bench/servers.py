@@ -229,7 +229,7 @@ class ProcessGroup:
     @property
     def pid(self) -> int:
         """The main process's pid (AssertionError before ``start()``)."""
-        assert self.proc is not None, "server not launched"
+        assert self.proc is not None, "process not started"
         return self.proc.pid
 
     def start(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
@@ -252,7 +252,7 @@ class ProcessGroup:
 
     def wait_exit(self, timeout_s: float = 60) -> int:
         """The main process's exit status; subprocess.TimeoutExpired when it runs on."""
-        assert self.proc is not None, "server not launched"
+        assert self.proc is not None, "process not started"
         return self.proc.wait(timeout=timeout_s)
 
     def log(self) -> str:
