@@ -194,17 +194,25 @@ class RecentClients:
     def __init__(self, window_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s, self.clock = window_s, clock
         self.last_seen: dict[str, float] = {}
+        self._forgotten_at = clock()
 
     def seen(self, peer: str) -> None:
-        """``peer`` sent an RPC now."""
-        self.last_seen[peer] = self.clock()
+        """``peer`` sent an RPC now. Once a window, clients gone quiet are forgotten here too, so that many
+        short-lived connections under load (when nothing asks for :meth:`count`) cannot pile up."""
+        now = self.last_seen[peer] = self.clock()
+        if now - self._forgotten_at > self.window_s:
+            self._forget(now)
 
     def count(self) -> int:
-        """Clients seen within the window (older ones are forgotten)."""
-        cutoff = self.clock() - self.window_s
+        """Clients seen within the window."""
+        self._forget(self.clock())
+        return len(self.last_seen)
+
+    def _forget(self, now: float) -> None:
+        self._forgotten_at = now
+        cutoff = now - self.window_s
         for peer in [peer for peer, seen in self.last_seen.items() if seen < cutoff]:
             del self.last_seen[peer]
-        return len(self.last_seen)
 
 
 class RpcMethods:

@@ -318,6 +318,18 @@ def test_recent_clients_are_those_seen_within_the_window() -> None:
     assert list(clients.last_seen) == ["ipv6:[::1]:40001"]
 
 
+def test_recent_clients_stay_few_while_nobody_counts_them() -> None:
+    """Under load nothing asks for the count; a new connection every millisecond for 10 s keeps about one
+    window's worth of peers, not all of them."""
+    now = [0.0]
+    clients = RecentClients(window_s=1.0, clock=lambda: now[0])
+    for i in range(10_000):
+        now[0] = i / 1000
+        clients.seen(f"ipv4:127.0.0.1:{i}")
+    assert len(clients.last_seen) <= 2001
+    assert clients.count() == 1001  # seen at 8.999 s to 9.999 s
+
+
 def test_rpcs_count_each_client_connection_once() -> None:
     """A real grpc.aio server with our RpcMethods: two channels are two clients, however many calls."""
 
