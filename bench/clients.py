@@ -15,7 +15,8 @@ class ClientThreads(Generic[S]):
     """``clients`` daemon threads named ``<name>-<index>``, each running ``self._client(index)`` (a subclass's)
     until :attr:`stop_event` is set; thread ``index`` appends what it records to ``per_thread[index]``. A
     subclass may append threads of its own to :attr:`threads` before ``start()``; they start and stop with
-    the clients. ``start()`` (or ``with``) starts them; ``stop()`` sets the event and joins each for up to ``join_timeout_s``."""
+    the clients. ``start()`` (or ``with``) starts them; ``stop()`` sets the event and joins each for up to
+    ``join_timeout_s``."""
 
     def __init__(self, clients: int, name: str, join_timeout_s: float) -> None:
         self.join_timeout_s = join_timeout_s

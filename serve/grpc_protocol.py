@@ -37,14 +37,13 @@ from serve import metrics
 from serve.errors import BadInput, MalformedRequest, ModelNotFound, ServeError
 from serve.grpc_gen import grpc_predict_v2_pb2 as pb
 from serve.grpc_gen import health_pb2
-from serve.logs import new_request_id
+from serve.logs import log_access, new_request_id
 from serve.protocols import (V2_OUTPUT, V2_SERVER_NAME, ServingContext, check_v2_names, v2_dtype, v2_model_metadata,
                              v2_rows)
 from serve.settings import Settings
 from serve.transport import Prediction
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("simplenn.access")
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -276,8 +275,7 @@ class RpcMethods:
     def _record(self, route: str, code: str, elapsed: float, request_id: str) -> None:
         metrics.observe_request(route, code, elapsed)
         if self.access_log:
-            access_logger.info("request", extra={"request_id": request_id, "method": "GRPC", "path": route[5:],
-                                                 "status": code, "ms": round(elapsed * 1000, 3)})
+            log_access(request_id, "GRPC", route[5:], code, elapsed)
 
 
 class GrpcServer:
@@ -329,5 +327,5 @@ async def start_grpc(context: ServingContext, settings: Settings) -> GrpcServer 
     return server
 
 
-__all__ = ["GrpcServer", "HealthService", "InferenceService", "RecentClients", "RpcMethods", "infer_response", "infer_rows",
-           "start_grpc"]
+__all__ = ["GrpcServer", "HealthService", "InferenceService", "RecentClients", "RpcMethods", "infer_response",
+           "infer_rows", "start_grpc"]

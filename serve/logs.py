@@ -37,6 +37,15 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+_access_logger = logging.getLogger("simplenn.access")
+
+
+def log_access(request_id: str, method: str, path: str, status: int | str, seconds: float) -> None:
+    """One access line for an answered request (HTTP, or gRPC with method ``GRPC`` and the status name)."""
+    _access_logger.info("request", extra={"request_id": request_id, "method": method, "path": path,
+                                          "status": status, "ms": round(seconds * 1000, 3)})
+
+
 def new_request_id() -> str:
     """A fresh request id: 96 random bits as 24 hex digits.
 

@@ -10,7 +10,6 @@ starts its gRPC server), on the lifespan's shutdown it stops what ``on_stop`` na
 from __future__ import annotations
 
 import hmac
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,11 +20,10 @@ from starlette.responses import JSONResponse, Response
 
 from serve import metrics
 from serve.errors import NotLive, NotReady, Unauthorized
-from serve.logs import configure_logging, new_request_id
+from serve.logs import configure_logging, log_access, new_request_id
 from serve.settings import Settings
 from serve.status import ServerView
 
-access_logger = logging.getLogger("simplenn.access")
 
 
 class RequestMiddleware:
@@ -67,9 +65,7 @@ class RequestMiddleware:
             route = self.route_label(scope)
             metrics.observe_request(route, str(status), elapsed)
             if self.settings.access_log:
-                access_logger.info("request", extra={"request_id": request_id, "method": scope["method"],
-                                                     "path": scope["path"], "status": status,
-                                                     "ms": round(elapsed * 1000, 3)})
+                log_access(request_id, scope["method"], scope["path"], status, elapsed)
 
         async def send_with_id(message: dict) -> None:
             nonlocal status
