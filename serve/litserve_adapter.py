@@ -24,9 +24,13 @@ one that moved. The touchpoints, why, and what upstream change would let each go
   worker is (re)spawned, and the list LitServe's shutdown terminates. *Public-enough; keep.*
 * ``LitLoop.__call__(lit_api, device, worker_id, request_queue, transport, workers_setup_status,
   callback_runner)``: the worker loop's signature (``litserve.loops.loops.inference_worker`` calls it).
-* ``app.router.routes``, ``app.user_middleware`` and ``app.build_middleware_stack``: LitServe adds ``/``,
-  ``/health`` and ``/info`` routes and a GZip middleware; ours replace them, and our protocol router
-  runs in front of FastAPI's stack. *Drop with options to disable those routes and middleware.*
+* ``app.router.routes`` and ``app.user_middleware``: LitServe adds ``/``, ``/health`` and ``/info`` routes
+  and a GZip middleware; ours replace them. *Drop with options to disable those routes and middleware.*
+* ``LitServer.app`` as the application each API server's uvicorn runs: we give uvicorn our front door
+  (request middleware and protocol router) with LitServe's FastAPI app behind it, and turn uvicorn's
+  proxy-header rewriting off (nothing here reads a client's address or scheme). A prediction then skips
+  three layers it does not use (uvicorn's proxy headers, FastAPI's and Starlette's entry points).
+  *Drop when LitServe takes an ASGI middleware to put in front of its app.*
 * ``uvicorn.server.Server.main_loop`` / ``on_tick`` / ``handle_exit`` (uvicorn's, reached through LitServe's
   ``_Server``): uvicorn wakes every API server 10 times a second to refresh its ``Date`` header and look
   for a stop request; :class:`_ApiServer` ticks once a second (the header's resolution) and is woken at
@@ -176,13 +180,14 @@ class AdaptedLitServer(ls.LitServer):
         super().__init__(lit_api, **kwargs)
         self._api_servers: dict[int, Any] = {}
         self._uvicorn_args: tuple = ()
+        self._front: Callable[[Any], Any] = lambda app: app
 
-    def replace_routes_and_middleware(self, wrap: Callable[[Any], Any], drop_paths: tuple[str, ...]) -> None:
-        """Remove LitServe's own routes and GZip middleware; ``wrap`` FastAPI's built stack."""
+    def replace_routes_and_middleware(self, front: Callable[[Any], Any], drop_paths: tuple[str, ...]) -> None:
+        """Remove LitServe's own routes and GZip middleware; API servers run ``front(app)``, the ASGI app
+        that ``front`` puts in front of LitServe's FastAPI app."""
         self.app.router.routes[:] = [r for r in self.app.router.routes if getattr(r, "path", None) not in drop_paths]
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
-        build = self.app.build_middleware_stack
-        self.app.build_middleware_stack = lambda: wrap(build())  # type: ignore[method-assign]
+        self._front = front
 
     @staticmethod
     def use_logging(configure: Callable[[], None]) -> None:
@@ -220,8 +225,9 @@ class AdaptedLitServer(ls.LitServer):
         if kwargs.get("http") == "httptools":
             kwargs = {**kwargs, "http": OneWriteHttpProtocol}
         self.app.response_queue_id = index
-        config = uvicorn.Config(app=copy.copy(self.app), host="0.0.0.0", port=port, log_level=log_level,
-                                timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)
+        config = uvicorn.Config(app=self._front(copy.copy(self.app)), host="0.0.0.0", port=port,
+                                log_level=log_level, timeout_graceful_shutdown=self.uvicorn_graceful_timeout,
+                                proxy_headers=False, **kwargs)
         server = _ApiServer(config=config)
         self.fast_transport.client_counts["http"] = lambda: len(server.server_state.connections)
         process = mp.get_context("fork").Process(target=server.run, args=(index, sockets), name=f"LitServer-{index}")

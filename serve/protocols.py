@@ -321,8 +321,8 @@ def register_protocols(app: FastAPI, context: ServingContext) -> "ProtocolRouter
 class ProtocolRouter:
     """ASGI app in front of FastAPI: protocol routes run here, everything else goes on to FastAPI.
 
-    The prediction routes validate and answer by themselves, so they skip FastAPI's middleware
-    stack (error, telemetry, body-limit, exception and exit-stack layers, then its router), which
+    The prediction routes validate and answer by themselves, so they skip FastAPI's entry point and
+    middleware stack (telemetry, error, body-limit, exception and exit-stack layers, then its router), which
     costs more per call than the rest of a single-row request in the HTTP server. Errors go through
     :func:`serve.errors.response_for`, the same mapping FastAPI's handlers use.
     """

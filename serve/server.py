@@ -103,7 +103,7 @@ class SimpleNNServer:
 
     def _add_routes(self) -> None:
         """Once the workers serve (the first reported the model's input width; this process never imports
-        torch): the protocol routes, and our middleware around FastAPI's stack. Before any API server forks."""
+        torch): the protocol routes, and our middleware and protocol router in front of FastAPI. Before any API server forks."""
         settings = self.settings
         in_features = self.supervisor.manager.fleet.in_features
         assert in_features is not None
@@ -111,8 +111,8 @@ class SimpleNNServer:
                                       settings.max_body_bytes, self.view.ready, self.view.status)
         protocols = register_protocols(self.lit_server.app, self.context)
         self.lit_server.replace_routes_and_middleware(
-            lambda stack: RequestMiddleware(protocols.wrap(stack), settings, self._on_api_server_start,
-                                            self._on_api_server_stop),
+            lambda app: RequestMiddleware(protocols.wrap(app), settings, self._on_api_server_start,
+                                          self._on_api_server_stop),
             drop_paths=("/", "/health", "/info"))
         freeze_heap()  # what the API servers inherit stays shared and out of their collections
 
