@@ -436,18 +436,22 @@ class Transport(MessageTransport):
         loop = asyncio.get_running_loop()
         uid = next(self._uids)  # type: ignore[arg-type]
         future = loop.create_future()
-        timer = loop.call_later(self.request_timeout, _expire, future, f"no answer within {self.request_timeout:g} s")
+        timer = None
         try:
             link = self.workers.submit(uid, future, np.ascontiguousarray(values, dtype=np.float32))
             if link is not None and self.reader is not None and self.workers.alone(link) \
                     and self.clients() <= 1:  # another client's request may be arriving
                 self.reader.poll(link)
+            if not future.done():  # answered during the poll: no timer to set and cancel
+                timer = loop.call_later(self.request_timeout, _expire, future,
+                                        f"no answer within {self.request_timeout:g} s")
             return await future
         except BaseException:  # timed out, cancelled or refused: drop what a worker or the parking still holds
             self.workers.forget(uid)
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def clients(self) -> int:
         """Client connections that can be sending requests to this API server (HTTP and gRPC)."""

@@ -127,8 +127,11 @@ class ApiLinks:
 def take_batch(links: ApiLinks, max_rows: int, linger: float, wait: float | None = None) -> list[Request]:
     """The batching rule: block up to ``wait`` (None: as long as it takes) for a first request, then take
     what has arrived, up to ``max_rows`` rows, lingering up to ``linger`` for more. After a batch of one
-    request the next wait starts with a brief spin (:class:`serve.cpu.Spin`); after several, never."""
-    if not links.ready and not links.wait(wait, spin=links.last_batch == 1):
+    request the next wait starts with a brief spin (:class:`serve.cpu.Spin`); after several, never. A
+    request that such a spin found is the one expected: without ``linger`` it runs at once, with no
+    second look for more (one system call less on a lone client's path)."""
+    alone = links.last_batch == 1
+    if not links.ready and not links.wait(wait, spin=alone):
         return []
     batch: list[Request] = []
     rows, deadline = 0, time.monotonic() + linger
@@ -137,7 +140,8 @@ def take_batch(links: ApiLinks, max_rows: int, linger: float, wait: float | None
             request = links.ready.popleft()
             batch.append(request)
             rows += len(request.values)
-        if links.ready or rows >= max_rows or not links.wait(max(0.0, deadline - time.monotonic())):
+        if links.ready or rows >= max_rows or (alone and linger <= 0) \
+                or not links.wait(max(0.0, deadline - time.monotonic())):
             links.last_batch = len(batch)
             return batch
 
