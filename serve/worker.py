@@ -14,6 +14,7 @@ its connection is dropped rather than letting it stall the others.
 from __future__ import annotations
 
 import logging
+import math
 import selectors
 import time
 from collections import deque
@@ -152,10 +153,11 @@ class BatchingLoop(LitLoop):
     def __call__(self, lit_api: Any, device: str, worker_id: int, request_queue: Any, transport: Any,
                  workers_setup_status: Any, callback_runner: Any) -> None:
         links = ApiLinks(transport.layout, worker_id, lit_api.settings.worker_spin_us / 1e6)
-        while True:
-            batch = take_batch(links, lit_api.max_batch_size, lit_api.batch_timeout)
-            if batch:
-                run_batch(lit_api, batch, transport.request_timeout, links.answer)
+        with lit_api.inference():
+            while True:
+                batch = take_batch(links, lit_api.max_batch_size, lit_api.batch_timeout)
+                if batch:
+                    run_batch(lit_api, batch, transport.request_timeout, links.answer)
 
 
 def run_batch(lit_api: Any, batch: list[Request], timeout: float, answer: Callable[[Connection, bytes], None]) -> None:
@@ -178,7 +180,8 @@ def run_batch(lit_api: Any, batch: list[Request], timeout: float, answer: Callab
         try:
             outputs, version = lit_api.predict(lit_api.batch([r.values for r in live]))
             pieces = lit_api.unbatch(outputs, [len(r.values) for r in live])
-            results = [(r.uid, OK, piece) if np.isfinite(piece).all() else
+            finite = math.isfinite(outputs.sum())  # all finite, in one reduction; else (or on overflow) each
+            results = [(r.uid, OK, piece) if finite or np.isfinite(piece).all() else
                        (r.uid, NOT_FINITE, "the model's output for this input is not a finite number")
                        for r, piece in zip(live, pieces)]
         except Exception as exc:
