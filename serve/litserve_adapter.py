@@ -29,8 +29,10 @@ one that moved. The touchpoints, why, and what upstream change would let each go
 * ``LitServer.app`` as the application each API server's uvicorn runs: we give uvicorn our front door
   (request middleware and protocol router) with LitServe's FastAPI app behind it, and turn uvicorn's
   proxy-header rewriting off (nothing here reads a client's address or scheme). A prediction then skips
-  three layers it does not use (uvicorn's proxy headers, FastAPI's and Starlette's entry points).
-  *Drop when LitServe takes an ASGI middleware to put in front of its app.*
+  three layers it does not use (uvicorn's proxy headers, FastAPI's and Starlette's entry points). FastAPI's
+  own OpenTelemetry hook lives in its entry point, so it sees only the routes FastAPI serves; predictions
+  are counted by our Prometheus metrics and access log. *Drop when LitServe takes an ASGI middleware to put
+  in front of its app.*
 * ``uvicorn.server.Server.main_loop`` / ``on_tick`` / ``handle_exit`` (uvicorn's, reached through LitServe's
   ``_Server``): uvicorn wakes every API server 10 times a second to refresh its ``Date`` header and look
   for a stop request; :class:`_ApiServer` ticks once a second (the header's resolution) and is woken at

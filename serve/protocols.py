@@ -12,6 +12,7 @@ FastAPI's layers would only add cost) and document themselves in ``/openapi.json
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -355,8 +356,10 @@ class ProtocolRouter:
         self.fallback: Any = None
 
     def wrap(self, fallback: Any) -> "ProtocolRouter":
-        self.fallback = fallback
-        return self
+        """A router with these routes in front of ``fallback`` (one per API server's app)."""
+        router = copy.copy(self)
+        router.fallback = fallback
+        return router
 
     def match(self, scope: dict) -> Route | None:
         route = self.static.get((scope["path"], scope["method"]))
@@ -381,7 +384,7 @@ class ProtocolRouter:
                 response = response_for(StarletteHTTPException(405, f"{scope['method']} is not allowed here"))
                 return await response(scope, receive, send)
             return await self.fallback(scope, receive, send)
-        scope["route"] = route
+        scope["app"], scope["route"] = self.fallback, route  # as FastAPI would set them
         try:
             response = await route.endpoint(Request(scope, receive))
         except Exception as exc:

@@ -103,7 +103,8 @@ class SimpleNNServer:
 
     def _add_routes(self) -> None:
         """Once the workers serve (the first reported the model's input width; this process never imports
-        torch): the protocol routes, and our middleware and protocol router in front of FastAPI. Before any API server forks."""
+        torch): the protocol routes, and our middleware and protocol router in front of FastAPI. Before any
+        API server forks."""
         settings = self.settings
         in_features = self.supervisor.manager.fleet.in_features
         assert in_features is not None

@@ -14,7 +14,6 @@ its connection is dropped rather than letting it stall the others.
 from __future__ import annotations
 
 import logging
-import math
 import selectors
 import time
 from collections import deque
@@ -52,6 +51,7 @@ class ApiLinks:
     def __init__(self, layout: Layout, worker_id: int, spin_s: float = 0.0) -> None:
         self.layout, self.worker_id, self.spin = layout, worker_id, Spin(spin_s)
         self.last_batch = 0  # requests in the last batch: a worker that batches several is busy, it never spins
+        self.spun = False  # the last wait's requests were found by its spin
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, Connection | None] = {i: None for i in range(layout.api_servers)}
         self.ready: deque[Request] = deque()
@@ -86,6 +86,7 @@ class ApiLinks:
             timeout = _RECONNECT_S if timeout is None else min(timeout, _RECONNECT_S)
         before = len(self.ready)
         events = self.spin.until(lambda: self.selector.select(0)) if spin else None
+        self.spun = bool(events)
         for key, mask in events or self.selector.select(timeout):
             index, conn = key.data, key.fileobj
             try:
@@ -131,9 +132,11 @@ def take_batch(links: ApiLinks, max_rows: int, linger: float, wait: float | None
     request the next wait starts with a brief spin (:class:`serve.cpu.Spin`); after several, never. A
     request that such a spin found is the one expected: without ``linger`` it runs at once, with no
     second look for more (one system call less on a lone client's path)."""
-    alone = links.last_batch == 1
-    if not links.ready and not links.wait(wait, spin=alone):
-        return []
+    spun = False
+    if not links.ready:
+        if not links.wait(wait, spin=links.last_batch == 1):
+            return []
+        spun = links.spun
     batch: list[Request] = []
     rows, deadline = 0, time.monotonic() + linger
     while True:
@@ -141,7 +144,7 @@ def take_batch(links: ApiLinks, max_rows: int, linger: float, wait: float | None
             request = links.ready.popleft()
             batch.append(request)
             rows += len(request.values)
-        if links.ready or rows >= max_rows or (alone and linger <= 0) \
+        if links.ready or rows >= max_rows or (spun and linger <= 0) \
                 or not links.wait(max(0.0, deadline - time.monotonic())):
             links.last_batch = len(batch)
             return batch
@@ -180,7 +183,7 @@ def run_batch(lit_api: Any, batch: list[Request], timeout: float, answer: Callab
         try:
             outputs, version = lit_api.predict(lit_api.batch([r.values for r in live]))
             pieces = lit_api.unbatch(outputs, [len(r.values) for r in live])
-            finite = math.isfinite(outputs.sum())  # all finite, in one reduction; else (or on overflow) each
+            finite = np.isfinite(outputs).all()  # the whole batch at once; each request's only if not
             results = [(r.uid, OK, piece) if finite or np.isfinite(piece).all() else
                        (r.uid, NOT_FINITE, "the model's output for this input is not a finite number")
                        for r, piece in zip(live, pieces)]
