@@ -88,23 +88,18 @@ def container_quota() -> float | None:
     return min(quotas, default=None)
 
 
-_UNREAD = -1.0  # "read the quota now" (None is a quota's own value: no quota)
-
-
-def quota_leaves_room_to_spin(quota: float | None = _UNREAD) -> bool:
-    """False when a CPU quota (``quota``, read from the cgroups when not given) allows fewer cores than
-    this process may run on: a spin then spends the quota that requests need, and the kernel stops the
-    whole container until its next period (measured at one connection under a 1.5-core quota: p99 18 ms
-    with spins, 1 ms without)."""
-    quota = container_quota() if quota == _UNREAD else quota
+def quota_leaves_room_to_spin(quota: float | None) -> bool:
+    """False when a CPU quota (from :func:`container_quota`) allows fewer cores than this process may run
+    on: a spin then spends the quota that requests need, and the kernel stops the whole container until
+    its next period (measured at one connection under a 1.5-core quota: p99 18 ms with spins, 1 ms
+    without)."""
     return quota is None or quota >= len(os.sched_getaffinity(0))
 
 
-def usable_cpus(quota: float | None = _UNREAD) -> int:
-    """The cores this process may run on: its affinity, capped by its container's CPU quota (``quota``,
-    read from the cgroups when not given; at least 1)."""
+def usable_cpus(quota: float | None) -> int:
+    """The cores this process may run on: its affinity, capped by a CPU quota (from :func:`container_quota`;
+    at least 1)."""
     cpus = len(os.sched_getaffinity(0))
-    quota = container_quota() if quota == _UNREAD else quota
     return max(1, min(cpus, math.floor(quota))) if quota is not None else cpus
 
 
@@ -146,7 +141,7 @@ class Spin:
     worse: two spinning processes each saw the other and the client as wanting a core, and both slept."""
 
     def __init__(self, seconds: float) -> None:
-        quota = container_quota()  # read once for both
+        quota = container_quota()
         self.seconds = seconds if quota_leaves_room_to_spin(quota) else 0.0
         self.cpus = usable_cpus(quota)
         self.loadavg_fd = open_loadavg() if self.seconds else None

@@ -108,6 +108,9 @@ def _column(outputs: np.ndarray) -> np.ndarray:
     return outputs[:, 0] if outputs.shape[1] == 1 else outputs
 
 
+_VERSION_HEADER_KEY = VERSION_HEADER.lower().encode()
+
+
 class JsonResponse(Response):
     """A JSON body with its headers made directly (what Starlette's ``Response.__init__`` works out from
     arguments costs more here than the rest of building the answer); served by Starlette's ``__call__``."""
@@ -119,9 +122,6 @@ class JsonResponse(Response):
         self.raw_headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
         if version:
             self.raw_headers.append((_VERSION_HEADER_KEY, version.encode("latin-1")))
-
-
-_VERSION_HEADER_KEY = VERSION_HEADER.lower().encode()
 
 
 def json_response(content: Any, version: str | None = None, status: int = 200) -> Response:

@@ -109,12 +109,12 @@ def test_runnable_others_leaves_out_the_caller() -> None:
 
 
 def test_this_machine_has_at_least_one_usable_core_and_an_answer_about_room_to_spin() -> None:
-    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+    assert 1 <= usable_cpus(container_quota()) <= len(os.sched_getaffinity(0))
     fd = open_loadavg()
     assert fd is not None
     try:
         for loadavg_fd in (None, fd):  # opened each time, or read again through one descriptor
-            assert isinstance(room_to_spin(usable_cpus(), loadavg_fd), bool)
+            assert isinstance(room_to_spin(usable_cpus(container_quota()), loadavg_fd), bool)
             assert room_to_spin(10_000, loadavg_fd) is True  # more cores than anything could keep busy
             assert room_to_spin(-1, loadavg_fd) is False  # fewer than any count of other processes
     finally:
